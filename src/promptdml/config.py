@@ -1,0 +1,485 @@
+"""Typed configuration tree, YAML loading (plain and the authors' ``{desc, value}`` form) and overrides.
+
+A run is described by one :class:`Config`. YAML files and ``--set section.key=value`` overrides are
+resolved into it; unknown keys are rejected with the closest valid names. Command-line overrides
+always win over the YAML file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message says how to fix it."""
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how batches are formed."""
+
+    dataset: str = "demo"
+    """demo | folder | csv | cub200 | cars196 | online_products | inshop | inaturalist"""
+    root: str = ""
+    """Data root: for benchmarks the folder holding ``<dataset>/``; for ``folder`` the folder of class
+    sub-folders; for ``csv`` the list file; for ``demo`` where the generated images are cached."""
+    train_ratio: float = 0.5
+    """folder/csv/demo: fraction of the sorted classes used for training (the rest is the test set)."""
+    val_ratio: float = 0.0
+    """Fraction of the training classes held out as a validation split (0 = none)."""
+    batch_size: int = 64
+    samples_per_class: int = 2
+    """k: images per class in a batch; the batch holds batch_size / k distinct classes."""
+    batches_per_epoch: int = 0
+    """0 = len(train set) // batch_size."""
+    num_workers: int = 2
+    demo_classes: int = 64
+    demo_images_per_class: int = 16
+    demo_image_size: int = 96
+
+
+@dataclass
+class BackboneConfig:
+    """The frozen timm Vision Transformer."""
+
+    name: str = "vit_small_patch16_224.augreg_in21k"
+    weights: str = ""
+    """Local weights file (.safetensors/.pth/.bin/.npz). Empty = download from the model hub."""
+    pretrained: bool = True
+    """False builds a randomly initialised backbone (tests only)."""
+    img_size: int = 224
+    pool: str = "cls"
+    """cls | avg | cls+avg: which tokens of the final norm feed the heads."""
+    grad_checkpointing: bool = False
+    depth: int = 0
+    """Override the number of blocks (0 = the architecture's own; for tiny test models)."""
+
+
+@dataclass
+class PromptConfig:
+    """Shared deep prompts (embedding path) and class prompts (semantic proxy path)."""
+
+    num_prompt: int = 10
+    prompt_depth: int = 12
+    prompt_block_step: int = 0
+    num_p_prompt: int = 3
+    p_prompt_depth: int = 12
+    prompt_p_block_step: int = 0
+
+
+@dataclass
+class ProxyConfig:
+    """Semantic proxies: container update and bias mixing."""
+
+    semantic: bool = True
+    """False = the 'plain proxies' baseline: proxies are learnable vectors only."""
+    container_update: str = "gru_relu"
+    """gru_relu | gru | mix"""
+    mix_keep_ratio: float = 0.9
+    """mix: H[c] = keep * H[c] + (1 - keep) * mean_j q[c, j]."""
+    proxy_bias_ratio: float = 0.5
+    """lambda: P = lambda * P_bias + (1 - lambda) * H."""
+    rnn_dropout: float = 0.0
+    bias_init_std: float = 0.01
+    """Standard deviation of the proxy-bias initialisation. With semantic=False the proxies are
+    initialised like Proxy Anchor's (unit-scale normal)."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    embed_dim: int = 384
+    bitfit: bool = True
+
+
+@dataclass
+class LossConfig:
+    """Proxy Anchor loss."""
+
+    alpha: float = 32.0
+    delta: float = 0.1
+    proxy_range: str = "both_all"
+    """both_all (all classes' proxies) | in_batch (the batch's classes only)"""
+    normalization: str = "standard"
+    """standard (positive term / #proxies with positives, negative term / #proxies) | authors (both / C)"""
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "sgd"
+    """sgd (momentum) | adamw"""
+    lr: float = 5e-3
+    lr_proxy: float = 0.1
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    scheduler: str = "cosine"
+    """cosine | constant"""
+    t_max: int = 0
+    """Cosine period in epochs (0 = the number of epochs)."""
+    lr_min: float = 1e-8
+    grad_clip: float = 0.0
+    """Clip the global gradient norm (0 = off)."""
+
+
+@dataclass
+class EvalConfig:
+    recall_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    every: int = 0
+    """Evaluate on the test split every N epochs (0 = only after training)."""
+    batch_size: int = 128
+    before_training: bool = False
+    """Also evaluate the untrained model (frozen backbone + fresh head)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 15
+    seed: int = 0
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N | mps"""
+    precision: str = "auto"
+    """auto (bf16 on CPU, fp16 on CUDA) | bf16 | fp16 | fp32"""
+    output_dir: str = "runs"
+    run_name: str = ""
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> Config:
+        """Check values that a type alone cannot express; raise ConfigError with the fix."""
+        _choice("data.dataset", self.data.dataset,
+                ["demo", "folder", "csv", "cub200", "cars196", "online_products", "inshop", "inaturalist"])
+        _choice("model.backbone.pool", self.model.backbone.pool, ["cls", "avg", "cls+avg"])
+        _choice("model.proxy.container_update", self.model.proxy.container_update, ["gru_relu", "gru", "mix"])
+        _choice("loss.proxy_range", self.loss.proxy_range, ["both_all", "in_batch"])
+        _choice("loss.normalization", self.loss.normalization, ["standard", "authors"])
+        _choice("optim.optimizer", self.optim.optimizer, ["sgd", "adamw"])
+        _choice("optim.scheduler", self.optim.scheduler, ["cosine", "constant"])
+        _choice("train.precision", self.train.precision, ["auto", "bf16", "fp16", "fp32"])
+        d = self.data
+        if d.samples_per_class < 1:
+            raise ConfigError("data.samples_per_class must be >= 1")
+        if d.batch_size % d.samples_per_class != 0:
+            raise ConfigError(
+                f"data.batch_size ({d.batch_size}) must be divisible by data.samples_per_class "
+                f"({d.samples_per_class}): a batch holds batch_size / k classes with k images each. "
+                f"Try batch_size={d.batch_size - d.batch_size % d.samples_per_class or d.samples_per_class}.")
+        if d.batch_size // d.samples_per_class < 2:
+            raise ConfigError("data.batch_size / data.samples_per_class must be >= 2 (at least two classes "
+                              "per batch, otherwise the loss has no negatives)")
+        if not 0.0 < d.train_ratio < 1.0:
+            raise ConfigError("data.train_ratio must be in (0, 1)")
+        if not 0.0 <= d.val_ratio < 1.0:
+            raise ConfigError("data.val_ratio must be in [0, 1)")
+        if not 0.0 <= self.model.proxy.proxy_bias_ratio <= 1.0:
+            raise ConfigError("model.proxy.proxy_bias_ratio must be in [0, 1]")
+        if not 0.0 <= self.model.proxy.mix_keep_ratio <= 1.0:
+            raise ConfigError("model.proxy.mix_keep_ratio must be in [0, 1]")
+        for name in ("num_prompt", "prompt_depth", "prompt_block_step", "num_p_prompt", "p_prompt_depth",
+                     "prompt_p_block_step"):
+            if getattr(self.model.prompts, name) < 0:
+                raise ConfigError(f"model.prompts.{name} must be >= 0")
+        if self.model.embed_dim < 1:
+            raise ConfigError("model.embed_dim must be >= 1")
+        if self.train.epochs < 1:
+            raise ConfigError("train.epochs must be >= 1")
+        if self.optim.lr <= 0 or self.optim.lr_proxy <= 0:
+            raise ConfigError("optim.lr and optim.lr_proxy must be > 0")
+        if not self.eval.recall_ks or min(self.eval.recall_ks) < 1:
+            raise ConfigError("eval.recall_ks must be a non-empty list of positive integers")
+        return self
+
+
+def _choice(key: str, value: str, options: list[str]) -> None:
+    if value not in options:
+        close = difflib.get_close_matches(str(value), options, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{key} = '{value}' is not one of {options}.{hint}")
+
+
+# --------------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as nested plain dicts (YAML/JSON serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, inner, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _unwrap_desc_value(obj: Any) -> Any:
+    """Turn the authors' ``key: {desc: ..., value: ...}`` entries into plain values, recursively."""
+    if isinstance(obj, dict):
+        if "value" in obj and set(obj) <= {"desc", "value"}:
+            return _unwrap_desc_value(obj["value"])
+        return {k: _unwrap_desc_value(v) for k, v in obj.items()}
+    return obj
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        full = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            keys.extend(_all_keys(tp, full + "."))
+        else:
+            keys.append(full)
+    return keys
+
+
+def _unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    close += [v for v in valid if v.rsplit(".", 1)[-1] == leaf and v not in close]
+    close += [v for v in difflib.get_close_matches(leaf, [v.rsplit(".", 1)[-1] for v in valid], n=3)
+              for v in [x for x in valid if x.endswith("." + v) or x == v] if v not in close]
+    hint = f" Closest valid keys: {', '.join(close[:4])}." if close else ""
+    return ConfigError(f"unknown config key '{key}' in {where}.{hint} "
+                       "See `promptdml train --help` or docs for the list of keys.")
+
+
+def _apply(cfg: Any, data: dict[str, Any], prefix: str, where: str) -> None:
+    hints = _field_types(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise _unknown_key_error(key, _all_keys(Config), where)
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key} is a section; give it as a mapping of keys, not {v!r}")
+            _apply(getattr(cfg, k), v, key + ".", where)
+        else:
+            setattr(cfg, k, _coerce(v, tp, key))
+
+
+# Authors' flat keys -> our nested keys (their YAML files load unchanged).
+AUTHORS_KEYS: dict[str, str] = {
+    "batch_size": "data.batch_size",
+    "samples_per_class": "data.samples_per_class",
+    "dataset": "data.dataset",
+    "decay": "optim.weight_decay",
+    "embed_dim": "model.embed_dim",
+    "lr": "optim.lr",
+    "lr_proxy": "optim.lr_proxy",
+    "lr_cosine_length": "optim.t_max",
+    "lr_cosine_min": "optim.lr_min",
+    "n_epochs": "train.epochs",
+    "num_prompt": "model.prompts.num_prompt",
+    "prompt_depth": "model.prompts.prompt_depth",
+    "prompt_block_step": "model.prompts.prompt_block_step",
+    "num_p_prompt": "model.prompts.num_p_prompt",
+    "p_prompt_depth": "model.prompts.p_prompt_depth",
+    "prompt_p_block_step": "model.prompts.prompt_p_block_step",
+    "optim": "optim.optimizer",
+    "proxy_bias_ratio": "model.proxy.proxy_bias_ratio",
+    "proxy_data_range": "loss.proxy_range",
+    "rnn_dropout": "model.proxy.rnn_dropout",
+    "semantic_mix_type": "model.proxy.container_update",
+    "proxy_mix_keep_ratio": "model.proxy.mix_keep_ratio",
+    "vit_bitfit": "model.bitfit",
+    "vit_proxy_net": "model.proxy.semantic",
+    "pretrained_model": "model.backbone.name",
+    "scheduler": "optim.scheduler",
+    "mix_precision": "train.precision",
+    "seed": "train.seed",
+}
+# Authors' keys with no effect here (behaviour fixed by the method or superseded); accepted and ignored.
+AUTHORS_IGNORED = {
+    "data_sampler", "eval_start", "feature_dropout", "negative_push", "proxy_mix_bias", "proxy_net_head",
+    "same_p_scheduler", "vit_head", "vit_prompt", "no_train_metrics", "gpu", "source_path", "save_path",
+}
+AUTHORS_BACKBONES = {
+    "vit_small_patch16_224_in21k": "vit_small_patch16_224.augreg_in21k",
+    "vit_base_patch16_224_in21k": "vit_base_patch16_224.augreg_in21k",
+}
+
+
+def _authors_to_nested(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for k, v in flat.items():
+        if k in AUTHORS_IGNORED:
+            continue
+        if k not in AUTHORS_KEYS:
+            raise _unknown_key_error(k, sorted(AUTHORS_KEYS) + _all_keys(Config), "the authors'-format YAML")
+        target = AUTHORS_KEYS[k]
+        if target == "model.backbone.name":
+            v = AUTHORS_BACKBONES.get(v, v)
+        if target == "train.precision":
+            v = "auto" if v else "fp32"
+        if target == "optim.scheduler" and v not in ("cosine", "constant"):
+            v = "constant" if v in ("none", None) else v
+        node = nested
+        *parents, leaf = target.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return nested
+
+
+def _is_authors_format(data: dict[str, Any]) -> bool:
+    sections = {f.name for f in dataclasses.fields(Config)}
+    return bool(data) and not (set(data) & sections) and bool(set(data) & (set(AUTHORS_KEYS) | AUTHORS_IGNORED))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``section.key=value`` -> (key, YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. optim.lr=0.01")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set one dotted key on a Config (strict)."""
+    node: Any = cfg
+    parts = key.split(".")
+    for i, p in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(node)}
+        if p not in names:
+            raise _unknown_key_error(key, _all_keys(Config), "the command line")
+        tp = _field_types(type(node))[p]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise ConfigError(f"{key} is a section; set one of its keys, e.g. {key}.{dataclasses.fields(tp)[0].name}=...")
+            setattr(node, p, _coerce(value, tp, key))
+        else:
+            if not dataclasses.is_dataclass(tp):
+                raise _unknown_key_error(key, _all_keys(Config), "the command line")
+            node = getattr(node, p)
+
+
+def from_dict(data: dict[str, Any] | None, where: str = "a dict") -> Config:
+    cfg = Config()
+    data = _unwrap_desc_value(data or {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must hold a mapping of config keys, got {type(data).__name__}")
+    if _is_authors_format(data):
+        data = _authors_to_nested(data)
+    _apply(cfg, data, "", where)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
+                validate: bool = True) -> Config:
+    """Load a YAML file (either form), then apply overrides (``["optim.lr=0.01"]`` or a dict)."""
+    data: dict[str, Any] = {}
+    where = "defaults"
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist. Shipped configs live in configs/ "
+                              "(e.g. configs/demo.yaml, configs/cub200_small.yaml).")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        where = str(path)
+    cfg = from_dict(data, where)
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in (overrides or [])]
+    for k, v in items:
+        set_key(cfg, k, v)
+    return cfg.validate() if validate else cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe_keys() -> list[tuple[str, str, Any, str]]:
+    """Every key as (dotted name, type, default, help) for docs and --help."""
+    rows = []
+
+    def walk(cls: type, obj: Any, prefix: str) -> None:
+        import inspect
+        import re
+
+        src = inspect.getsource(cls)
+        docs = dict(re.findall(r"^\s+(\w+):[^\n]*\n\s+\"\"\"(.*?)\"\"\"", src, flags=re.S | re.M))
+        for f in dataclasses.fields(cls):
+            tp = _field_types(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, getattr(obj, f.name), prefix + f.name + ".")
+            else:
+                tname = getattr(tp, "__name__", str(tp))
+                rows.append((prefix + f.name, str(tname), getattr(obj, f.name),
+                             " ".join(docs.get(f.name, "").split())))
+
+    walk(Config, Config(), "")
+    return rows
