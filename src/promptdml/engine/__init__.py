@@ -1,0 +1,6 @@
+from promptdml.engine.checkpoint import load_model, save_checkpoint
+from promptdml.engine.evaluator import embed_records, evaluate
+from promptdml.engine.trainer import Trainer, TrainingError, TrainResult, train
+
+__all__ = ["load_model", "save_checkpoint", "embed_records", "evaluate", "Trainer", "TrainingError",
+           "TrainResult", "train"]

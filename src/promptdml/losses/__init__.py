@@ -1,0 +1,3 @@
+from promptdml.losses.proxy_anchor import ProxyAnchorLoss
+
+__all__ = ["ProxyAnchorLoss"]

@@ -1,0 +1,5 @@
+import sys
+
+from promptdml.cli import main
+
+sys.exit(main())

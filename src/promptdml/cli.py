@@ -1,0 +1,261 @@
+"""Command line: ``promptdml train | evaluate | info | demo | data check``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from promptdml.config import Config, ConfigError, load_config
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DOCS = "https://github.com/promptdml/promptdml#readme"
+
+
+def resolve_config_path(name: str | None) -> Path | None:
+    """A YAML path, or the name of a shipped config (``cub200_small`` -> configs/cub200_small.yaml)."""
+    if not name:
+        return None
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / (name if name.endswith((".yaml", ".yml")) else name + ".yaml")
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config '{name}' is neither a file nor a shipped config. Shipped configs: {names}")
+
+
+def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
+    p.add_argument("--config", "-c", required=config_required,
+                   help="YAML config file or the name of a shipped config (e.g. cub200_small, demo)")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set optim.lr=0.01 (repeatable; wins over the YAML)")
+    p.add_argument("--data-root", help="data.root: the data root (benchmarks) or your folder of class folders")
+    p.add_argument("--dataset", help="data.dataset: demo, folder, csv, cub200, cars196, online_products, "
+                                     "inshop, inaturalist")
+    p.add_argument("--weights", help="model.backbone.weights: local pretrained weights file "
+                                     "(.safetensors/.pth/.bin/.npz) or a folder of them (offline use)")
+    p.add_argument("--device", help="train.device: auto, cpu, cuda, cuda:N, mps")
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument("--batch-size", type=int, help="data.batch_size")
+    p.add_argument("--lr", type=float, help="optim.lr")
+    p.add_argument("--output-dir", help="train.output_dir (runs are written to OUTPUT_DIR/NAME)")
+    p.add_argument("--name", help="train.run_name")
+    p.add_argument("--eval-every", type=int, help="eval.every: evaluate every N epochs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+FLAG_KEYS = {
+    "data_root": "data.root", "dataset": "data.dataset", "weights": "model.backbone.weights",
+    "device": "train.device", "epochs": "train.epochs", "batch_size": "data.batch_size", "lr": "optim.lr",
+    "output_dir": "train.output_dir", "name": "train.run_name", "eval_every": "eval.every",
+}
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out = {key: getattr(args, attr) for attr, key in FLAG_KEYS.items() if getattr(args, attr, None) is not None}
+    if getattr(args, "no_progress", False):
+        out["train.progress"] = False
+    return out
+
+
+def build_config(args: argparse.Namespace, default_config: str | None = None) -> Config:
+    """YAML, then ``--set`` overrides, then explicit flags (the command line wins over the YAML)."""
+    path = resolve_config_path(args.config or default_config)
+    overrides: dict[str, Any] = {}
+    from promptdml.config import parse_override
+
+    for text in args.overrides:
+        key, value = parse_override(text)
+        overrides[key] = value
+    overrides.update(_flag_overrides(args))
+    return load_config(path, overrides)
+
+
+# --------------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from promptdml.engine import train
+
+    cfg = build_config(args)
+    result = train(cfg)
+    print(f"run directory: {result.run_dir}")
+    print(_metrics_table({"test": result.metrics}))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from promptdml.config import set_key
+    from promptdml.data import build_splits
+    from promptdml.engine import evaluate, load_model
+    from promptdml.engine.checkpoint import read_checkpoint
+    from promptdml.engine.device import resolve_device, resolve_precision
+
+    _, cfg, _ = read_checkpoint(args.run)
+    for key, value in _flag_overrides(args).items():
+        set_key(cfg, key, value)
+    cfg.validate()
+    device = resolve_device(cfg.train.device)
+    model, cfg = load_model(args.run, cfg, device)
+    splits = build_splits(cfg.data)
+    metrics = evaluate(model, splits, cfg, device, resolve_precision(cfg.train.precision, device), args.split,
+                       progress=not args.no_progress)
+    print(_metrics_table({args.split: metrics}))
+    out = Path(args.out) if args.out else (Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent)
+    target = out / f"metrics_eval_{args.split}.json" if out.is_dir() else out
+    target.write_text(json.dumps(metrics, indent=2))
+    print(f"metrics written to {target}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from promptdml.config import set_key
+    from promptdml.models import create_model, format_parameter_report
+
+    cfg = build_config(args)
+    set_key(cfg, "model.backbone.pretrained", False)  # counting needs no weights
+    num_classes = args.num_classes or _train_class_count(cfg)
+    model = create_model(cfg.model, num_classes)
+    print(f"backbone: {cfg.model.backbone.name} @ {cfg.model.backbone.img_size}px, "
+          f"training classes: {num_classes}")
+    print(format_parameter_report(model))
+    return 0
+
+
+KNOWN_TRAIN_CLASSES = {"cub200": 100, "cars196": 98, "online_products": 11318, "inshop": 3997,
+                       "inaturalist": 5690}
+
+
+def _train_class_count(cfg: Config) -> int:
+    d = cfg.data
+    if d.dataset in KNOWN_TRAIN_CLASSES:
+        n = KNOWN_TRAIN_CLASSES[d.dataset]
+        return n - round(d.val_ratio * n)
+    if d.dataset == "demo":
+        n = round(d.demo_classes * d.train_ratio)
+        return n - round(d.val_ratio * n)
+    from promptdml.data import build_splits
+
+    if not d.root:
+        raise ConfigError(f"data.dataset={d.dataset} needs data.root (or pass --num-classes N) to count classes")
+    return build_splits(d).train.num_classes
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from promptdml.engine import Trainer
+
+    cfg = build_config(args, default_config="demo")
+    print(f"promptdml demo: {cfg.model.backbone.name} @ {cfg.model.backbone.img_size}px on built-in "
+          f"procedural data ({cfg.data.demo_classes} classes, first {cfg.data.train_ratio:.0%} train, rest "
+          f"test), {cfg.train.epochs} epochs")
+    trainer = Trainer(cfg)
+    result = trainer.fit(evaluate_before=True)
+    print()
+    print(_metrics_table({"before (frozen ViT)": result.before or {}, "after (VPTSP-G)": result.metrics}))
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from promptdml.data import check_dataset
+
+    cfg = build_config(args, default_config=None)
+    print(check_dataset(cfg.data, verify_images=not args.quick))
+    return 0
+
+
+def _metrics_table(rows: dict[str, dict[str, float]]) -> str:
+    keys: list[str] = []
+    for m in rows.values():
+        keys += [k for k in m if k not in keys]
+    width = max(len(r) for r in rows) + 2
+    lines = [" " * width + "".join(f"{k:>13}" for k in keys)]
+    for name, m in rows.items():
+        lines.append(f"{name:<{width}}" + "".join(f"{m[k]:>13.4f}" if k in m else f"{'-':>13}" for k in keys))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="promptdml",
+        description="Parameter-efficient deep metric learning: train visual prompts, biases and a head on a "
+                    "frozen timm ViT with semantic proxies (VPTSP-G), and evaluate image retrieval.",
+        epilog=f"Docs: {DOCS}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model and evaluate it on the test split",
+                       description="Train on a dataset and write a run directory (config, log, plot, "
+                                   "checkpoint, metrics). Example: promptdml train --config cub200_small "
+                                   "--data-root ~/data")
+    _add_config_args(p, config_required=False)
+    _add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="reload a run and compute retrieval metrics",
+                       description="Rebuild a trained model from RUN_DIR on its frozen backbone and evaluate it.")
+    p.add_argument("--run", required=True, help="run directory (or its model.safetensors)")
+    p.add_argument("--data", "--data-root", dest="data_root", help="data root (default: the one used in training)")
+    p.add_argument("--dataset", help="data.dataset (default: the one used in training)")
+    p.add_argument("--weights", help="backbone weights file (default: the one used in training)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--out", help="where to write the metrics JSON (default: the run directory)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("info", help="show the model's trainable parameters by group",
+                       description="Build the model of a config (no weights needed) and count its trainable "
+                                   "parameters per group.")
+    _add_config_args(p, config_required=True)
+    p.add_argument("--num-classes", type=int, help="number of training classes (default: from the dataset)")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="train on built-in procedural data and show before/after metrics",
+                       description="Train VPTSP-G on built-in generated data with a pretrained DINOv2 ViT-S/14 "
+                                   "and report Recall@K and MAP@R of the frozen backbone and of the tuned "
+                                   "model. Offline: pass --weights FILE (or set PROMPTDML_WEIGHTS).")
+    _add_config_args(p)
+    _add_train_flags(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("check", help="validate a dataset folder and print class/image counts per split",
+                            description="Validate the layout of a dataset without training.")
+    _add_config_args(q)
+    q.add_argument("--root", dest="data_root", help="data root (same as --data-root)")
+    q.add_argument("--quick", action="store_true", help="do not open every image")
+    q.set_defaults(func=cmd_data_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
+    from promptdml.data import DataError
+    from promptdml.engine.trainer import TrainingError
+    from promptdml.models import BackboneError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, BackboneError, TrainingError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""``ImageDataset`` and the DataLoader helpers used by the trainer and the evaluator."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .images import load_rgb
+from .records import DataError, ImageRecords
+from .sampler import ClassBalancedBatchSampler
+
+__all__ = ["ImageDataset", "build_train_loader", "build_eval_loader"]
+
+log = logging.getLogger("promptdml.data")
+
+
+class ImageDataset(Dataset):
+    """Decodes ``records.paths[i]`` with :func:`load_rgb`, applies ``transform``.
+
+    ``__getitem__(i)`` returns ``(image, label, i)``. If an image fails to decode, a warning is logged
+    once per file (per process), the failure is counted in :attr:`failed_loads` (shared with DataLoader
+    workers) and the next readable image of the same class is returned instead, so class-balanced
+    batches stay valid and an epoch never crashes on one bad file. If every image of a class fails, a
+    :class:`DataError` is raised.
+    """
+
+    def __init__(self, records: ImageRecords, transform: Callable[[Any], Any] | None):
+        self.records = records
+        self.transform = transform
+        labels = records.labels
+        order = np.argsort(labels, kind="stable")
+        bounds = np.cumsum(np.bincount(labels, minlength=records.num_classes))[:-1]
+        self._by_class = np.split(order, bounds)
+        self._pos_in_class = np.empty(len(labels), dtype=np.int64)
+        for members in self._by_class:
+            self._pos_in_class[members] = np.arange(len(members))
+        self._failed = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._bad: set[int] = set()  # per process
+
+    @property
+    def failed_loads(self) -> int:
+        """How many image loads failed (and were replaced) so far, across DataLoader workers."""
+        return int(self._failed.item())
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _load(self, index: int):
+        label = int(self.records.labels[index])
+        members = self._by_class[label]
+        start = int(self._pos_in_class[index])
+        last_error: Exception | None = None
+        for step in range(len(members)):
+            j = int(members[(start + step) % len(members)])
+            if j in self._bad:
+                continue
+            try:
+                return load_rgb(self.records.paths[j])
+            except Exception as e:  # noqa: BLE001 - any decoder failure is handled the same way
+                last_error = e
+                self._bad.add(j)
+                self._failed.add_(1)
+                log.warning("could not decode image %s (%s: %s); using another image of class '%s' instead. "
+                            "Replace or delete the file (`promptdml data check` lists unreadable files).",
+                            self.records.paths[j], type(e).__name__, e, self.records.class_names[label])
+        raise DataError(f"no image of class '{self.records.class_names[label]}' can be decoded (last error: "
+                        f"{last_error}); fix or remove that class's files, e.g. "
+                        f"{self.records.paths[int(members[0])]}")
+
+    def __getitem__(self, index: int):
+        index = int(index)
+        img = self._load(index)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.records.labels[index]), index
+
+
+def _loader_kwargs(num_workers: int, device_type: str) -> dict[str, Any]:
+    num_workers = max(0, int(num_workers))
+    kw: dict[str, Any] = {"num_workers": num_workers, "pin_memory": str(device_type).startswith("cuda")}
+    if num_workers > 0:
+        kw["persistent_workers"] = True
+        kw["prefetch_factor"] = 2
+    return kw
+
+
+def build_train_loader(records: ImageRecords, transform, batch_size: int, samples_per_class: int,
+                       num_batches: int | None, seed: int, num_workers: int, device_type: str,
+                       rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Training DataLoader over a :class:`ClassBalancedBatchSampler`.
+
+    Call ``loader.batch_sampler.set_epoch(epoch)`` before each epoch. Decoding happens in the workers
+    when ``num_workers > 0`` (persistent); memory is pinned only for CUDA. Augmentation randomness is
+    seeded from ``(seed, rank)``.
+    """
+    sampler = ClassBalancedBatchSampler(records.labels, batch_size, samples_per_class, num_batches=num_batches,
+                                        seed=seed, rank=rank, world_size=world_size)
+    gen = torch.Generator()
+    gen.manual_seed(int(seed) * 1000 + int(rank))
+    return DataLoader(ImageDataset(records, transform), batch_sampler=sampler, generator=gen,
+                      **_loader_kwargs(num_workers, device_type))
+
+
+def build_eval_loader(records: ImageRecords, transform, batch_size: int, num_workers: int,
+                      device_type: str) -> DataLoader:
+    """Evaluation DataLoader: dataset order, no shuffling, last partial batch kept."""
+    return DataLoader(ImageDataset(records, transform), batch_size=int(batch_size), shuffle=False, drop_last=False,
+                      **_loader_kwargs(num_workers, device_type))

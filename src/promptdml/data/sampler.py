@@ -1,0 +1,114 @@
+"""Class-balanced batch sampler: every batch holds ``B / k`` distinct classes with ``k`` images each."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["ClassBalancedBatchSampler"]
+
+
+class _Cycle:
+    """Draws items from a set in shuffled passes; ``take(n)`` never returns duplicates."""
+
+    def __init__(self, items: np.ndarray, rng: np.random.Generator):
+        self.items = items
+        self.rng = rng
+        self.order = rng.permutation(items)
+        self.pos = 0
+
+    def take(self, n: int) -> np.ndarray:
+        left = self.order[self.pos:]
+        if len(left) >= n:
+            self.pos += n
+            return left[:n]
+        fresh = self.rng.permutation(self.items)
+        fresh = fresh[~np.isin(fresh, left)]  # keep the leftovers of this pass, start a new one
+        self.order = np.concatenate([left, fresh])
+        self.pos = n
+        return self.order[:n]
+
+
+class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Yields batches of dataset indices: ``batch_size / k`` distinct classes, ``k`` images per class.
+
+    * Each class's ``k`` images are contiguous in the batch (class 1 x k, class 2 x k, ...).
+    * Classes are visited in shuffled passes (every class once per pass); images of a class are drawn
+      without replacement in shuffled passes. A class with fewer than ``k`` images is sampled with
+      replacement.
+    * Epoch length: ``num_batches`` per rank, or (``None``/0) ``len(labels) // (batch_size * world_size)``.
+    * Deterministic for ``(seed, epoch)``; call :meth:`set_epoch` before each epoch.
+    * Distributed: ``world_size * num_batches`` global batches come from one RNG stream (identical on all
+      ranks); rank ``r`` takes the global batches ``r, r + world_size, ...``: ranks see disjoint batches
+      that together are the global sequence.
+    """
+
+    def __init__(self, labels: Sequence[int] | np.ndarray | torch.Tensor, batch_size: int, samples_per_class: int,
+                 num_batches: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if isinstance(labels, torch.Tensor):
+            labels = labels.cpu().numpy()
+        labels = np.asarray(labels).reshape(-1)
+        if len(labels) == 0:
+            raise ValueError("ClassBalancedBatchSampler: no labels (the training split is empty)")
+        batch_size, k = int(batch_size), int(samples_per_class)
+        if k < 1 or batch_size < 1:
+            raise ValueError(f"batch_size ({batch_size}) and samples_per_class ({k}) must be >= 1")
+        if batch_size % k != 0:
+            raise ValueError(f"batch_size ({batch_size}) must be divisible by samples_per_class ({k}): a batch "
+                             f"holds batch_size / k classes with k images each")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        classes, inverse = np.unique(labels, return_inverse=True)
+        m = batch_size // k
+        if len(classes) < m:
+            raise ValueError(
+                f"batch_size / samples_per_class = {batch_size} / {k} = {m} classes per batch, but the training "
+                f"split has only {len(classes)} classes. Lower data.batch_size or raise data.samples_per_class.")
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.cumsum(np.bincount(inverse, minlength=len(classes)))[:-1]
+        self.class_indices: list[np.ndarray] = np.split(order, bounds)
+        self.classes = classes
+        self.batch_size = batch_size
+        self.samples_per_class = k
+        self.classes_per_batch = m
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        if num_batches is None or num_batches <= 0:
+            num_batches = max(1, len(labels) // (batch_size * world_size))
+        self.num_batches = int(num_batches)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def global_batches(self) -> list[list[int]]:
+        """All ``world_size * num_batches`` batches of the current epoch (identical on every rank)."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        k, m = self.samples_per_class, self.classes_per_batch
+        class_cycle = _Cycle(np.arange(len(self.class_indices)), rng)
+        pools: dict[int, _Cycle] = {}
+        out = []
+        for _ in range(self.world_size * self.num_batches):
+            batch: list[int] = []
+            for c in class_cycle.take(m):
+                idx = self.class_indices[c]
+                if len(idx) < k:
+                    chosen = rng.choice(idx, size=k, replace=True)
+                else:
+                    pool = pools.get(int(c))
+                    if pool is None:
+                        pool = pools[int(c)] = _Cycle(idx, rng)
+                    chosen = pool.take(k)
+                batch.extend(int(i) for i in chosen)
+            out.append(batch)
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.global_batches()
+        yield from batches[self.rank::self.world_size]

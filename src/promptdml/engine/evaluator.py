@@ -1,0 +1,55 @@
+"""Embed a split and compute retrieval metrics on it."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from promptdml.config import Config
+from promptdml.data import ImageRecords, Splits, build_eval_loader, build_transforms
+from promptdml.engine.device import autocast
+from promptdml.metrics import retrieval_metrics
+from promptdml.models import PromptDMLModel
+
+
+@torch.no_grad()
+def embed_records(model: PromptDMLModel, records: ImageRecords, cfg: Config, device: torch.device,
+                  dtype: torch.dtype | None, progress: bool = False, desc: str = "embed",
+                  frozen_features: bool = False) -> torch.Tensor:
+    """L2-normalised float32 embeddings ``[N, E]`` (on the CPU) in the order of ``records``.
+
+    ``frozen_features=True`` embeds with the plain backbone feature instead (no prompts, no head): the
+    baseline a user gets from the pretrained ViT alone.
+    """
+    transform = build_transforms(model.data_config, cfg.model.backbone.img_size, train=False)
+    loader = build_eval_loader(records, transform, cfg.eval.batch_size, cfg.data.num_workers, device.type)
+    was_training = model.training
+    model.eval()
+    dim = model.backbone.feature_dim if frozen_features else cfg.model.embed_dim
+    out = torch.empty(len(records), dim)
+    for images, _, index in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        images = images.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            emb = model.backbone(images) if frozen_features else model(images)
+        out[index] = torch.nn.functional.normalize(emb.float(), dim=-1).cpu()
+    model.train(was_training)
+    return out
+
+
+def evaluate(model: PromptDMLModel, splits: Splits, cfg: Config, device: torch.device, dtype: torch.dtype | None,
+             split: str = "test", progress: bool = False, frozen_features: bool = False) -> dict[str, float]:
+    """Recall@K (``cfg.eval.recall_ks``), MAP@R and R-Precision on ``split`` (``test`` or ``val``).
+
+    ``test`` uses query-vs-gallery when the dataset defines them (In-Shop), else the test set against itself.
+    """
+    ks = tuple(cfg.eval.recall_ks)
+    if split == "test" and splits.query is not None and splits.gallery is not None:
+        q = embed_records(model, splits.query, cfg, device, dtype, progress, "embed query", frozen_features)
+        g = embed_records(model, splits.gallery, cfg, device, dtype, progress, "embed gallery", frozen_features)
+        return retrieval_metrics(g, torch.as_tensor(splits.gallery.labels), ks, query_embeddings=q,
+                                 query_labels=torch.as_tensor(splits.query.labels))
+    records = getattr(splits, split)
+    if records is None:
+        raise ValueError(f"the data has no '{split}' split")
+    emb = embed_records(model, records, cfg, device, dtype, progress, f"embed {split}", frozen_features)
+    return retrieval_metrics(emb, torch.as_tensor(records.labels), ks)

@@ -1,0 +1,21 @@
+"""Embedding heads: LayerNorm -> Linear -> L2 normalisation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class EmbeddingHead(nn.Module):
+    """``LayerNorm(D) -> Linear(D, E) -> L2 normalise``."""
+
+    def __init__(self, in_dim: int, embed_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.fc = nn.Linear(in_dim, embed_dim)
+        nn.init.trunc_normal_(self.fc.weight, std=0.02)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.fc(self.norm(x)).float(), dim=-1)
