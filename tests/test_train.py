@@ -74,7 +74,7 @@ def test_cli_train_and_info(tiny_weights, folder_data, tmp_path, capsys):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("train:\n  epochs: 5\n")
     args = ["train", "--config", str(cfg_file), "--epochs", "1", "--no-progress",
-            "--set", f"model.backbone.name=vit_tiny_patch16_224", "--set", "model.backbone.img_size=32",
+            "--set", "model.backbone.name=vit_tiny_patch16_224", "--set", "model.backbone.img_size=32",
             "--set", "model.backbone.depth=2", "--weights", tiny_weights, "--set", "model.embed_dim=8",
             "--set", "train.precision=fp32", "--set", "data.num_workers=0", "--dataset", "folder",
             "--data-root", str(folder_data), "--batch-size", "4", "--output-dir", str(tmp_path / "o"),

@@ -18,7 +18,13 @@ from tqdm.auto import tqdm
 from promptdml.config import Config, save_config
 from promptdml.data import Splits, build_splits, build_train_loader, build_transforms
 from promptdml.engine.checkpoint import CHECKPOINT_NAME, save_checkpoint
-from promptdml.engine.device import autocast, make_grad_scaler, resolve_device, resolve_precision, seed_everything
+from promptdml.engine.device import (
+    autocast,
+    make_grad_scaler,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
 from promptdml.engine.evaluator import evaluate
 from promptdml.engine.plots import plot_history
 from promptdml.losses import ProxyAnchorLoss

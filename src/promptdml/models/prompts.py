@@ -57,4 +57,4 @@ class ClassPrompts(nn.Module):
     def forward(self, labels: torch.Tensor) -> list[torch.Tensor | None]:
         """Per-block prompts ``[B, m_i, D]`` of each sample's class."""
         rows = self.table.index_select(0, labels)
-        return [rows[:, o:o + m] if m > 0 else None for o, m in zip(self.offsets, self.counts)]
+        return [rows[:, o:o + m] if m > 0 else None for o, m in zip(self.offsets, self.counts, strict=True)]
