@@ -179,3 +179,17 @@ def test_check_dataset_folder(tmp_path):
     assert "1 class(es) with a single image" in report
     assert "problems: 1" in report and "bad.jpg" in report
 
+
+
+def test_relative_root_gives_absolute_paths(tmp_path, monkeypatch):
+    make_folder(tmp_path / "rel", {c: 2 for c in "abcd"})
+    monkeypatch.chdir(tmp_path)
+    s = build_splits(DataConfig(dataset="folder", root="rel"))
+    assert all(os.path.isabs(p) for p in s.train.paths + s.test.paths)
+
+
+def test_check_dataset_csv(tmp_path):
+    fx = make_csv_dataset(tmp_path)
+    report = check_dataset(DataConfig(dataset="csv", root=str(fx.root)))
+    for split, (c, n) in fx.expected.items():
+        assert f"  {split:<8} {c} classes, {n} images" in report

@@ -51,8 +51,11 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     with Image.open(path) as im:
         im.load()
         transparent = "transparency" in im.info
-        img = ImageOps.exif_transpose(im)
-        if img is im:  # older Pillow returns the same object when nothing changes
+        try:
+            img = ImageOps.exif_transpose(im)
+        except Exception:  # noqa: BLE001 - a malformed EXIF block must not make the pixels unusable
+            img = None
+        if img is None or img is im:  # older Pillow returns the same object when nothing changes
             img = im.copy()
     mode = img.mode
     if mode == "RGB":

@@ -55,6 +55,8 @@ class _Raw:
     problems: list[str] = field(default_factory=list)
     class_dir: Callable[[str], str] | None = None
     """class name -> what to name in messages (a folder path)"""
+    kind: str = ""
+    layout: str = ""
 
 
 def default_cache_dir() -> Path:
@@ -67,7 +69,7 @@ def default_cache_dir() -> Path:
 def _need_root(cfg, what: str) -> Path:
     if not str(cfg.root).strip():
         raise DataError(f"data.root is empty; set it to {what} (e.g. --set data.root=/path/to/data)")
-    return Path(cfg.root).expanduser()
+    return Path(cfg.root).expanduser().absolute()
 
 
 def _images_under(folder: Path) -> list[str]:
@@ -158,6 +160,7 @@ def _read_demo(cfg) -> _Raw:
     except ImportError as e:  # pragma: no cover - the generator ships with the package
         raise DataError(f"the demo data generator is unavailable ({e}); use data.dataset=folder") from None
     root = Path(cfg.root).expanduser() if str(cfg.root).strip() else default_cache_dir() / "demo"
+    root = root.absolute()
     try:
         generate_demo_dataset(root, num_classes=cfg.demo_classes, images_per_class=cfg.demo_images_per_class,
                               image_size=cfg.demo_image_size, seed=0, progress=False)
@@ -376,13 +379,20 @@ _INAT_LAYOUT = ("<root>/inaturalist/Inaturalist_train_set1.txt + Inaturalist_tes
 
 def _read_inaturalist(cfg) -> _Raw:
     names = {"train": "Inaturalist_train_set1.txt", "test": "Inaturalist_test_set1.txt"}
+
+    def listing(p: Path, name: str) -> Path | None:
+        for f in (p / name, p / "Inat_dataset_splits" / name):
+            if f.is_file():
+                return f
+        return None
+
     d = _find_dataset_dir(cfg, ("inaturalist", "iNaturalist", "inat"),
-                          lambda p: any((p / n).is_file() for n in names.values()), _INAT_LAYOUT)
+                          lambda p: any(listing(p, n) for n in names.values()), _INAT_LAYOUT)
     items: list[_Item] = []
     for split, name in names.items():
-        ann = d / name
-        if not ann.is_file():
-            raise DataError(f"annotation file '{ann}' is missing. Expected layout: {_INAT_LAYOUT}")
+        ann = listing(d, name)
+        if ann is None:
+            raise DataError(f"annotation file '{d / name}' is missing. Expected layout: {_INAT_LAYOUT}")
         for lineno, line in enumerate(_read_lines(ann), start=1):
             s = line.strip()
             if not s or s.startswith("#"):
@@ -403,6 +413,10 @@ def _read_inaturalist(cfg) -> _Raw:
             items.append(_Item(str(d / s), f"{parent[-2]}/{parent[-1]}", split, f"{ann}:{lineno}"))
     return _Raw(items, str(d), [])
 
+
+_LAYOUTS = {"folder": _FOLDER_LAYOUT, "demo": _FOLDER_LAYOUT, "cub200": _CUB_LAYOUT, "cars196": _CARS_LAYOUT,
+            "online_products": _SOP_LAYOUT, "inshop": _INSHOP_LAYOUT, "inaturalist": _INAT_LAYOUT,
+            "csv": "a list file with rows 'path,label[,split]', paths relative to the file's folder"}
 
 _READERS: dict[str, Callable[[object], _Raw]] = {
     "demo": _read_demo,
@@ -428,6 +442,13 @@ def _report(problems: list[str], new: list[str]) -> None:
 
 def _drop_bad(raw: _Raw, check_images: str, problems: list[str]) -> list[_Item]:
     bad = find_bad_images([it.path for it in raw.items], check_images)
+    if len(raw.items) >= 10 and len(bad) > len(raw.items) // 2:
+        i, reason = min(bad.items())
+        it = raw.items[i]
+        listed = f" (listed in {it.source})" if it.source else ""
+        raise DataError(f"{len(bad)} of {len(raw.items)} images of the {raw.kind or 'dataset'} at '{raw.root}' are "
+                        f"missing or unreadable, e.g. '{it.path}'{listed}: {reason}. The images are probably not "
+                        f"where the layout expects them{': ' + raw.layout if raw.layout else ''}.")
     msgs = []
     for i, reason in sorted(bad.items()):
         it = raw.items[i]
@@ -461,6 +482,8 @@ def build_splits(cfg, check_images: str = "header") -> Splits:
     if kind not in _READERS:
         raise DataError(f"unknown data.dataset '{kind}'; choose one of {list(DATASETS)}")
     raw = _READERS[kind](cfg)
+    raw.kind = raw.kind or kind
+    raw.layout = raw.layout or _LAYOUTS.get(kind, "")
     problems: list[str] = []
     _report(problems, raw.problems)
     items = _drop_bad(raw, check_images, problems)
