@@ -119,3 +119,26 @@ def test_single_image_class_in_train_split_is_a_clear_error(tmp_path):
     cfg = load_config(None, {"data.dataset": "folder", "data.root": str(root)})
     with pytest.raises(DataError, match="a"):
         build_splits(cfg.data)
+
+
+def test_original_main_py_command_line(tiny_weights, tmp_path):
+    """`python main.py --source_path ROOT --config configs/cub200_small.yaml` on the CUB-layout fixture."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from data_fixtures import make_cub200
+
+    fixture = make_cub200(tmp_path / "data")
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, str(repo / "main.py"), "--source_path", str(fixture.root), "--config",
+           str(repo / "configs" / "cub200_small.yaml"), "--gpu", "0", "--save_path", str(tmp_path / "runs"),
+           "--set", "model.backbone.name=vit_tiny_patch16_224", "--set", f"model.backbone.weights={tiny_weights}",
+           "--set", "model.backbone.img_size=32", "--set", "model.backbone.depth=2", "--set", "train.epochs=1",
+           "--set", "data.batches_per_epoch=2", "--set", "data.batch_size=8", "--set", "data.num_workers=0",
+           "--set", "train.progress=false", "--set", "train.run_name=cub", "--set", "model.embed_dim=16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "recall@1" in proc.stdout
+    summary = json.loads((tmp_path / "runs" / "cub" / "metrics.json").read_text())
+    assert summary["parameters"]["class_prompts"] == 100 * 2 * 3 * 192  # 100 CUB train classes, depth 2

@@ -82,9 +82,12 @@ def build_config(args: argparse.Namespace, default_config: str | None = None) ->
 # --------------------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     from promptdml.engine import train
+    from promptdml.engine.trainer import resume
 
-    cfg = build_config(args)
-    result = train(cfg)
+    if args.resume:
+        result = resume(args.resume)
+    else:
+        result = train(build_config(args))
     print(f"run directory: {result.run_dir}")
     print(_metrics_table({"test": result.metrics}))
     return 0
@@ -197,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--data-root ~/data")
     _add_config_args(p, config_required=False)
     _add_train_flags(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last saved state "
+                                                       "(its own config is used; other options are ignored)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="reload a run and compute retrieval metrics",
