@@ -239,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--root", dest="data_root", help="data root (same as --data-root)")
     q.add_argument("--quick", action="store_true", help="do not open every image")
     q.set_defaults(func=cmd_data_check)
+
+    from promptdml.retrieval.commands import register
+
+    register(sub)  # embed, index build, search, export
     return parser
 
 
@@ -249,10 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     from promptdml.data import DataError
     from promptdml.engine.trainer import TrainingError
     from promptdml.models import BackboneError
+    from promptdml.retrieval import RetrievalError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, BackboneError, TrainingError, FileNotFoundError) as e:
+    except (ConfigError, DataError, BackboneError, TrainingError, RetrievalError, FileNotFoundError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
