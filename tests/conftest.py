@@ -9,6 +9,8 @@ from safetensors.torch import save_file
 
 from promptdml.config import Config, load_config
 
+torch.set_num_threads(1)  # tiny test models run faster on one thread; the slow demo test sets its own
+
 TINY = dict(name="vit_tiny_patch16_224", img_size=32, depth=2)
 
 

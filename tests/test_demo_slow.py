@@ -13,6 +13,11 @@ WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "models" / "vit_small
 @pytest.mark.slow
 @pytest.mark.skipif(not WEIGHTS.is_file(), reason="DINOv2 weights of ../shared/models not present")
 def test_demo_improves_over_frozen_backbone(tmp_path, capsys):
+    import os
+
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
     code = main(["demo", "--weights", str(WEIGHTS), "--output-dir", str(tmp_path), "--no-progress",
                  "--set", f"data.root={tmp_path / 'demo_data'}"])
     assert code == 0

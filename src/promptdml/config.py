@@ -94,12 +94,47 @@ class ProxyConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """AdaptFormer-style parallel adapters: per block, scale * up(relu(down(x))) added next to the MLP branch."""
+
+    bottleneck: int = 0
+    """Hidden width of each adapter (0 = no adapters)."""
+    scale: float = 0.1
+    """Multiplier s of the adapter output."""
+    dropout: float = 0.0
+    """Dropout inside the adapter (after the activation)."""
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA on every block's attention qkv projection: W x + (alpha / rank) * B A x, B zero-initialised."""
+
+    rank: int = 0
+    """Rank r of the update (0 = no LoRA)."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is multiplied by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+
+
+@dataclass
 class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     embed_dim: int = 384
     bitfit: bool = True
+    """Train every bias of the backbone."""
+    full_finetune: bool = False
+    """Train every backbone weight (the full fine-tuning baseline; the backbone still runs in eval mode)."""
+    memory_bank: str = "auto"
+    """auto | on | off: keep the class-prompt table and its optimiser state on the CPU and move only the
+    batch's rows to the device each step. auto = on when the number of training classes is at least
+    memory_bank_threshold. Results are identical either way (row-wise optimiser, see models/memory_bank.py)."""
+    memory_bank_threshold: int = 1000
+    """Number of training classes from which memory_bank=auto turns the bank on."""
 
 
 @dataclass
@@ -138,7 +173,9 @@ class EvalConfig:
     """Evaluate on the test split every N epochs (0 = only after training)."""
     batch_size: int = 128
     before_training: bool = False
-    """Also evaluate the untrained model (frozen backbone + fresh head)."""
+    """Also evaluate the frozen backbone's features before training."""
+    select_metric: str = "map@r"
+    """Metric on the validation split (data.val_ratio > 0) that picks the 'best' checkpoint."""
 
 
 @dataclass
@@ -152,6 +189,14 @@ class TrainConfig:
     output_dir: str = "runs"
     run_name: str = ""
     progress: bool = True
+    deterministic: bool = False
+    """Deterministic algorithms (bitwise-reproducible on CPU; slower on GPU)."""
+    max_nonfinite_steps: int = 20
+    """Abort after this many consecutive steps with a non-finite loss (each one is skipped)."""
+    keep_checkpoints: int = 1
+    """How many per-epoch resume checkpoints to keep besides 'last' (0 = only 'last')."""
+    tensorboard: bool = True
+    """Write TensorBoard event files (needs the tensorboard package)."""
 
 
 @dataclass
@@ -199,6 +244,7 @@ class Config:
                 raise ConfigError(f"model.prompts.{name} must be >= 0")
         if self.model.embed_dim < 1:
             raise ConfigError("model.embed_dim must be >= 1")
+        self._validate_model_extras()
         if self.train.epochs < 1:
             raise ConfigError("train.epochs must be >= 1")
         if self.optim.lr <= 0 or self.optim.lr_proxy <= 0:
@@ -206,6 +252,27 @@ class Config:
         if not self.eval.recall_ks or min(self.eval.recall_ks) < 1:
             raise ConfigError("eval.recall_ks must be a non-empty list of positive integers")
         return self
+
+    def _validate_model_extras(self) -> None:
+        """Model options beyond the prompts: PEFT baselines and the memory bank."""
+        m = self.model
+        _choice("model.memory_bank", m.memory_bank, ["auto", "on", "off"])
+        if m.memory_bank_threshold < 1:
+            raise ConfigError("model.memory_bank_threshold must be >= 1")
+        if not 0.0 <= m.proxy.rnn_dropout < 1.0:
+            raise ConfigError("model.proxy.rnn_dropout must be in [0, 1)")
+        if m.adapter.bottleneck < 0:
+            raise ConfigError("model.adapter.bottleneck must be >= 0 (0 = no adapters)")
+        if m.lora.rank < 0:
+            raise ConfigError("model.lora.rank must be >= 0 (0 = no LoRA)")
+        if m.lora.rank > 0 and m.lora.alpha <= 0:
+            raise ConfigError("model.lora.alpha must be > 0")
+        for key, value in (("model.adapter.dropout", m.adapter.dropout), ("model.lora.dropout", m.lora.dropout)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{key} must be in [0, 1)")
+        if m.full_finetune and m.lora.rank > 0:
+            raise ConfigError("model.full_finetune trains the qkv weights themselves; LoRA on top of them is "
+                              "redundant and could not be merged. Set model.lora.rank=0 or model.full_finetune=false.")
 
 
 def _choice(key: str, value: str, options: list[str]) -> None:

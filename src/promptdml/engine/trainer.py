@@ -6,11 +6,14 @@ import csv
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +30,14 @@ from promptdml.engine.device import (
 )
 from promptdml.engine.evaluator import evaluate
 from promptdml.engine.plots import plot_history
+from promptdml.engine.state import (
+    LAST,
+    RESUME_DIR,
+    atomic_torch_save,
+    load_resume_state,
+    rng_state,
+    set_rng_state,
+)
 from promptdml.losses import ProxyAnchorLoss
 from promptdml.models import PromptDMLModel, count_parameters, create_model, format_parameter_report
 
@@ -48,7 +59,12 @@ class TrainResult:
 def build_optimizers(model: PromptDMLModel, cfg: Config) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """Two optimisers of the same type: everything trainable at ``lr``; the proxy bias at ``lr_proxy``."""
     o = cfg.optim
-    main = [p for g, ps in model.trainable_groups().items() if g != "proxy_bias" for _, p in ps]
+    # >>> memory-bank hook: the class-prompt table is stepped by the model's row-wise optimiser of the same
+    # type (lazy semantics, models/memory_bank.py), not by these torch optimisers.
+    main = [p for g, ps in model.trainable_groups().items() if g not in ("proxy_bias", "class_prompts")
+            for _, p in ps]
+    model.configure_row_optimizer(o.optimizer, momentum=o.momentum, weight_decay=o.weight_decay)
+    # <<< memory-bank hook
     proxy = [model.proxies.bias]
 
     def make(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -81,15 +97,16 @@ class Trainer:
     """Owns the model, data, optimisers and run directory of one training run."""
 
     def __init__(self, cfg: Config, splits: Splits | None = None, run_dir: Path | None = None,
-                 echo: Callable[[str], None] = print) -> None:
+                 echo: Callable[[str], None] = print, resume: bool = False) -> None:
         self.cfg = cfg
         self.echo = echo
         seed_everything(cfg.train.seed)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
         self.device = resolve_device(cfg.train.device)
         self.dtype = resolve_precision(cfg.train.precision, self.device)
         self.splits = splits if splits is not None else build_splits(cfg.data)
-        for problem in self.splits.problems:
-            log.warning(problem)
         train = self.splits.train
         self.model = create_model(cfg.model, train.num_classes).to(self.device)
         self.loss_fn = ProxyAnchorLoss(cfg.loss.alpha, cfg.loss.delta, cfg.loss.normalization)
@@ -105,6 +122,16 @@ class Trainer:
         save_config(cfg, self.run_dir / "config.yaml")
         self.history: list[dict[str, float]] = []
         self.skipped_steps = 0
+        self.epoch = 0  # epochs completed
+        self.step_in_epoch = 0  # steps completed in the current (unfinished) epoch
+        self.global_step = 0
+        self.best: dict[str, Any] = {}
+        self.before: dict[str, float] | None = None
+        self.train_seconds = 0.0
+        self._stop_signal: int | None = None
+        self._tb = None
+        if resume:
+            self.load_state(load_resume_state(self.run_dir))
 
     # ---------------------------------------------------------------------------------------------
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -126,14 +153,18 @@ class Trainer:
             log.warning("non-finite loss (%s): step skipped (%d so far)", loss.item(), self.skipped_steps)
             return float("nan")
         self.scaler.scale(loss).backward()
+        # >>> memory-bank hook: class-prompt gradients are not in a torch optimiser; unscale them here
+        if self.scaler.is_enabled():
+            model.unscale_row_grads_(1.0 / self.scaler.get_scale())
+        # <<< memory-bank hook
         if cfg.optim.grad_clip > 0:
             for opt in self.optimizers:
                 self.scaler.unscale_(opt)
-            params = [p for g in self.model.trainable_groups().values() for _, p in g]
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            torch.nn.utils.clip_grad_norm_(model.gradient_tensors(), cfg.optim.grad_clip)  # memory-bank hook
         for opt in self.optimizers:
             self.scaler.step(opt)
         self.scaler.update()
+        model.step_rows(self.optimizers[0].param_groups[0]["lr"])  # memory-bank hook: class-prompt rows
         model.commit(out)
         return loss.item()
 
@@ -142,68 +173,221 @@ class Trainer:
                         progress=self.cfg.train.progress, frozen_features=frozen_features)
 
     def fit(self, evaluate_before: bool | None = None) -> TrainResult:
+        """Train the remaining epochs (all of them, or those left after a resume) and finish the run."""
         cfg = self.cfg
-        before = None
         counts = count_parameters(self.model)
         self.echo(format_parameter_report(self.model))
-        if evaluate_before if evaluate_before is not None else cfg.eval.before_training:
-            before = self.evaluate("test", frozen_features=True)
-            self.echo("before training (frozen backbone features): " + format_metrics(before))
-        start = time.time()
+        if self.epoch == 0 and self.step_in_epoch == 0 and (
+                evaluate_before if evaluate_before is not None else cfg.eval.before_training):
+            self.before = self.evaluate("test", frozen_features=True)
+            self.echo("before training (frozen backbone features): " + format_metrics(self.before))
         metrics: dict[str, float] = {}
-        for epoch in range(1, cfg.train.epochs + 1):
-            self.loader.batch_sampler.set_epoch(epoch - 1)
-            self.model.train()
-            t0, losses, n_images = time.time(), [], 0
-            bar = tqdm(self.loader, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not cfg.train.progress,
-                       leave=False)
-            for images, labels, _ in bar:
-                value = self.train_step(images, labels)
-                if not math.isnan(value):
-                    losses.append(value)
-                n_images += labels.numel()
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{self.optimizers[0].param_groups[0]['lr']:.2e}",
-                                img_s=f"{n_images / max(time.time() - t0, 1e-9):.1f}")
-            elapsed = time.time() - t0
-            row: dict[str, float] = {
-                "epoch": epoch, "loss": sum(losses) / max(len(losses), 1),
-                "lr": self.optimizers[0].param_groups[0]["lr"], "lr_proxy": self.optimizers[1].param_groups[0]["lr"],
-                "epoch_seconds": elapsed, "images_per_second": n_images / max(elapsed, 1e-9),
-                "skipped_steps": self.skipped_steps,
-            }
-            for sched in self.schedulers:
-                sched.step()
-            last = epoch == cfg.train.epochs
-            if last or (cfg.eval.every and epoch % cfg.eval.every == 0):
-                if self.splits.val is not None:
-                    row.update({f"val_{k}": v for k, v in self.evaluate("val").items()})
-                metrics = self.evaluate("test")
-                row.update({f"test_{k}": v for k, v in metrics.items()})
-            self.history.append(row)
-            self._write_log()
-            self.echo(f"epoch {epoch}/{cfg.train.epochs}  loss {row['loss']:.4f}  {elapsed:.1f}s  "
-                      f"{row['images_per_second']:.1f} img/s"
-                      + (f"  | {format_metrics(metrics)}" if "test_recall@1" in row else ""))
+        with _StopOnSignal(self):
+            while self.epoch < cfg.train.epochs:
+                row = self._train_epoch()
+                if row is None:  # interrupted: 'last' holds the position inside the epoch
+                    self.save_state()
+                    raise TrainingInterrupted(
+                        f"stopped by signal {self._stop_signal} at epoch {self.epoch + 1}, step "
+                        f"{self.step_in_epoch}; the state is saved. Continue with: promptdml train --resume "
+                        f"{self.run_dir}")
+                metrics = self._end_epoch(row) or metrics
+        if not metrics and self.history:  # resumed a run whose epochs were all done
+            metrics = {k[5:]: v for k, v in self.history[-1].items() if k.startswith("test_")}
         save_checkpoint(self.model, cfg, self.run_dir / CHECKPOINT_NAME, self.splits.train.class_names)
-        summary = {
-            "test": metrics, "before_training_frozen_features": before,
-            "train_seconds": time.time() - start, "epochs": cfg.train.epochs,
+        summary: dict[str, Any] = {
+            "test": metrics, "before_training_frozen_features": self.before,
+            "train_seconds": self.train_seconds, "epochs": cfg.train.epochs,
             "skipped_steps": self.skipped_steps, "parameters": counts,
             "loss_normalization": cfg.loss.normalization, "device": str(self.device),
             "precision": str(self.dtype).replace("torch.", "") if self.dtype else "fp32",
+            "peak_memory_mb": _peak_memory_mb(self.device),
         }
+        if self.best:
+            summary["best"] = {"epoch": self.best["epoch"], "selected_by": f"val_{cfg.eval.select_metric}",
+                               "value": self.best["value"]}
         (self.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-        return TrainResult(self.run_dir, metrics, self.history, before)
+        if self._tb is not None:
+            self._tb.close()
+        return TrainResult(self.run_dir, metrics, self.history, self.before)
 
-    def _write_log(self) -> None:
+    def _train_epoch(self) -> dict[str, float] | None:
+        """One epoch from ``step_in_epoch``; None if a stop signal arrived (state is consistent)."""
+        cfg = self.cfg
+        epoch = self.epoch + 1
+        self.loader.batch_sampler.set_epoch(epoch - 1)
+        self.model.train()
+        t0, losses, n_images, consecutive_bad = time.time(), [], 0, 0
+        skip = self.step_in_epoch
+        bar = tqdm(total=len(self.loader), initial=skip, desc=f"epoch {epoch}/{cfg.train.epochs}",
+                   disable=not cfg.train.progress, leave=False)
+        batches = iter(self.loader) if skip == 0 else _skip_batches(self.loader, skip)
+        for images, labels, _ in batches:
+            value = self.train_step(images, labels)
+            self.step_in_epoch += 1
+            self.global_step += 1
+            if math.isnan(value):
+                consecutive_bad += 1
+                if consecutive_bad >= cfg.train.max_nonfinite_steps:
+                    raise TrainingError(
+                        f"the loss was non-finite for {consecutive_bad} consecutive steps (epoch {epoch}); "
+                        "training aborted. Lower optim.lr, set optim.grad_clip (e.g. 1.0), or use "
+                        "train.precision=fp32.")
+            else:
+                consecutive_bad = 0
+                losses.append(value)
+            n_images += labels.numel()
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{self.optimizers[0].param_groups[0]['lr']:.2e}",
+                            img_s=f"{n_images / max(time.time() - t0, 1e-9):.1f}")
+            if self._stop_signal is not None and self.step_in_epoch < len(self.loader):
+                bar.close()
+                return None
+        bar.close()
+        elapsed = time.time() - t0
+        self.train_seconds += elapsed
+        return {
+            "epoch": epoch, "loss": sum(losses) / max(len(losses), 1),
+            "lr": self.optimizers[0].param_groups[0]["lr"], "lr_proxy": self.optimizers[1].param_groups[0]["lr"],
+            "epoch_seconds": elapsed, "images_per_second": n_images / max(elapsed, 1e-9),
+            "skipped_steps": self.skipped_steps, "peak_memory_mb": _peak_memory_mb(self.device),
+        }
+
+    def _end_epoch(self, row: dict[str, float]) -> dict[str, float]:
+        """Schedulers, evaluation, model selection on the validation split, logs and checkpoints."""
+        cfg = self.cfg
+        epoch = int(row["epoch"])
+        for sched in self.schedulers:
+            sched.step()
+        self.epoch, self.step_in_epoch = epoch, 0
+        last = epoch == cfg.train.epochs
+        scheduled = bool(cfg.eval.every) and epoch % cfg.eval.every == 0
+        metrics: dict[str, float] = {}
+        if self.splits.val is not None and (scheduled or last or not cfg.eval.every):
+            val = self.evaluate("val")
+            row.update({f"val_{k}": v for k, v in val.items()})
+            value = val[cfg.eval.select_metric]
+            if not self.best or value > self.best["value"]:
+                self.best = {"epoch": epoch, "value": value}
+                save_checkpoint(self.model, cfg, self.run_dir / RESUME_DIR / "best.safetensors",
+                                self.splits.train.class_names)
+        if scheduled or last:
+            metrics = self.evaluate("test")  # reported only; never used for selection
+            row.update({f"test_{k}": v for k, v in metrics.items()})
+        self.history.append(row)
+        self._write_log(row)
+        self.echo(f"epoch {epoch}/{cfg.train.epochs}  loss {row['loss']:.4f}  {row['epoch_seconds']:.1f}s  "
+                  f"{row['images_per_second']:.1f} img/s" + (f"  | {format_metrics(metrics)}" if metrics else ""))
+        self.save_state()
+        return metrics
+
+    # ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.trainable_state().items()},
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "row_optimizer": self.model.row_optimizer_state_dict(),
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+            "history": self.history, "skipped_steps": self.skipped_steps, "best": self.best,
+            "before": self.before, "train_seconds": self.train_seconds,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_trainable_state(state["model"])
+        for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(s)
+        self.model.load_row_optimizer_state_dict(state["row_optimizer"])
+        for sched, s in zip(self.schedulers, state["schedulers"], strict=True):
+            sched.load_state_dict(s)
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        for key in ("epoch", "step_in_epoch", "global_step", "history", "skipped_steps", "best", "before",
+                    "train_seconds"):
+            setattr(self, key, state[key])
+
+    def save_state(self) -> None:
+        """Write ``checkpoints/last.pt`` atomically, plus a per-epoch copy under the keep-N policy."""
+        folder = self.run_dir / RESUME_DIR
+        state = self.state_dict()
+        atomic_torch_save(state, folder / LAST)
+        keep = self.cfg.train.keep_checkpoints
+        if keep > 0 and self.step_in_epoch == 0:
+            atomic_torch_save(state, folder / f"epoch_{self.epoch:04d}.pt")
+            for old in sorted(folder.glob("epoch_*.pt"))[:-keep]:
+                old.unlink()
+
+    def _write_log(self, row: dict[str, float]) -> None:
         keys: list[str] = []
-        for row in self.history:
-            keys += [k for k in row if k not in keys]
+        for r in self.history:
+            keys += [k for k in r if k not in keys]
         with open(self.run_dir / "log.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(self.history)
         plot_history(self.history, self.run_dir / "training.png")
+        if self.cfg.train.tensorboard:
+            if self._tb is None:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    log.warning("train.tensorboard is on but the tensorboard package is not installed "
+                                "(pip install tensorboard); skipping event files")
+                    self.cfg.train.tensorboard = False
+                    return
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            for key, value in row.items():
+                if key != "epoch":
+                    self._tb.add_scalar(key.replace("_", "/", 1) if key.startswith(("test_", "val_")) else
+                                        f"train/{key}", value, int(row["epoch"]))
+            self._tb.flush()
+
+
+class TrainingInterrupted(TrainingError):
+    """Training stopped on SIGINT/SIGTERM after finishing a step; the resume state was saved."""
+
+
+def _skip_batches(loader, n: int):
+    """Iterate ``loader`` from batch ``n`` without loading the skipped batches' images."""
+    sampler = loader.batch_sampler
+    batches = list(iter(sampler))[n:]
+    dataset, collate = loader.dataset, loader.collate_fn
+    for idx in batches:
+        yield collate([dataset[i] for i in idx])
+
+
+class _StopOnSignal:
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.trainer._stop_signal is not None:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.trainer._stop_signal = signum
+        log.warning("signal %d received: finishing the current step, then saving the state", signum)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -213,3 +397,12 @@ def format_metrics(metrics: dict[str, float]) -> str:
 def train(cfg: Config, echo: Callable[[str], None] = print, evaluate_before: bool | None = None) -> TrainResult:
     """Train ``cfg`` end to end and write its run directory."""
     return Trainer(cfg, echo=echo).fit(evaluate_before)
+
+
+def resume(run_dir: str | Path, echo: Callable[[str], None] = print) -> TrainResult:
+    """Continue the run in ``run_dir`` from its last saved state (same config, same data)."""
+    from promptdml.config import load_config
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    return Trainer(cfg, run_dir=run_dir, echo=echo, resume=True).fit()

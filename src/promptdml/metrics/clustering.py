@@ -18,7 +18,9 @@ from .knn import _faiss, _iter_chunks, _resolve_backend, as_labels, prepare_embe
 __all__ = ["cluster_metrics", "contingency", "f1_pair_counting", "kmeans", "nmi"]
 
 
-def contingency(labels_true, labels_pred) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+def contingency(
+    labels_true, labels_pred
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """Sparse contingency table of two labelings.
 
     Returns ``(row, col, cell, class_sizes, cluster_sizes, n)``: for every nonzero cell its class id,
@@ -56,8 +58,13 @@ def nmi(labels_true, labels_pred) -> float:
         return 1.0
     nij = nij.astype(np.float64)
     # MI = sum_ij n_ij/n * log(n * n_ij / (a_i b_j))
-    mi = float((nij / n * (np.log(nij) + np.log(n) - np.log(a[ci].astype(np.float64))
-                           - np.log(b[cj].astype(np.float64)))).sum())
+    mi = float(
+        (
+            nij
+            / n
+            * (np.log(nij) + np.log(n) - np.log(a[ci].astype(np.float64)) - np.log(b[cj].astype(np.float64)))
+        ).sum()
+    )
     mi = max(mi, 0.0)
     h = (_entropy(a, n) + _entropy(b, n)) / 2.0
     return float(mi / h) if h > 0 else 0.0
@@ -98,6 +105,33 @@ def _assign(x: torch.Tensor, c: torch.Tensor, chunk: int) -> tuple[torch.Tensor,
     return assign, dist
 
 
+def _kmeans_pp_init(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """k-means++ seeding (D^2 sampling); uniform draws from a seeded CPU generator, so any device works."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand(k, generator=gen, dtype=torch.float64).tolist()
+    n = x.shape[0]
+    x_sq = (x * x).sum(1)
+    first = min(int(u[0] * n), n - 1)
+    chosen = [first]
+    d2 = (x_sq - 2 * torch.mv(x, x[first]) + x_sq[first]).clamp_(min=0)
+    for i in range(1, k):
+        cum = torch.cumsum(d2.to(torch.float32 if x.device.type == "mps" else torch.float64), 0)
+        total = float(cum[-1])
+        if total <= 0:  # fewer distinct points than k: take the next unused index
+            used = set(chosen)
+            nxt = next(j for j in range(n) if j not in used)
+        else:
+            nxt = min(
+                int(
+                    torch.searchsorted(cum, torch.tensor([u[i] * total], dtype=cum.dtype, device=cum.device))
+                ),
+                n - 1,
+            )
+        chosen.append(nxt)
+        d2 = torch.minimum(d2, (x_sq - 2 * torch.mv(x, x[nxt]) + x_sq[nxt]).clamp_(min=0))
+    return x[torch.tensor(chosen, device=x.device)].clone()
+
+
 def kmeans(
     x,
     k: int,
@@ -110,10 +144,10 @@ def kmeans(
 ) -> torch.Tensor:
     """Lloyd k-means (squared L2) on the rows of ``x``; returns the cluster id of every row.
 
-    ``backend="torch"``: seeded random initialisation from distinct data points, ``niter`` Lloyd
+    ``backend="torch"``: seeded k-means++ initialisation, ``niter`` Lloyd
     iterations (stops early when assignments no longer change); an empty cluster is re-seeded with
     the point farthest from its centroid. ``"faiss"``: ``faiss.Kmeans`` with the same seed/niter.
-    ``"auto"``: faiss on CPU when installed, else torch. Deterministic for a fixed seed and device.
+    ``"auto"``: torch. Deterministic for a fixed seed and device.
     """
     dev = resolve_device(device, x)
     xt = prepare_embeddings(x, dev, normalize=False)
@@ -121,16 +155,14 @@ def kmeans(
     k = int(k)
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be in [1, {n}]")
-    if _resolve_backend(backend, dev) == "faiss":
+    if backend == "faiss" and _resolve_backend("faiss", dev) == "faiss":
         faiss = _faiss()
         km = faiss.Kmeans(xt.shape[1], k, niter=niter, seed=seed, verbose=False)
         xn = xt.cpu().numpy()
         km.train(xn)
         _, idx = km.index.search(xn, 1)
         return torch.from_numpy(idx[:, 0].astype(np.int64)).to(dev)
-    gen = torch.Generator().manual_seed(int(seed))
-    init = torch.randperm(n, generator=gen)[:k].to(dev)
-    c = xt[init].clone()
+    c = _kmeans_pp_init(xt, k, int(seed))
     chunk = int(chunk_size) if chunk_size else max(1, (256 * 2**20) // (4 * k))
     assign, dist = _assign(xt, c, chunk)
     for _ in range(niter):

@@ -79,15 +79,19 @@ def prepare_embeddings(x, device=None, normalize: bool = True) -> torch.Tensor:
     t = _to_tensor(x)
     if t.ndim != 2:
         raise ValueError(f"embeddings must be 2-D [N, E], got shape {tuple(t.shape)}")
-    if not (t.is_floating_point() or t.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)):
+    if not (
+        t.is_floating_point() or t.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+    ):
         raise TypeError(f"unsupported embedding dtype {t.dtype}")
-    t = t.to(device=resolve_device(device, t))
+    dev = resolve_device(device, t)
+    # MPS has no float64: normalise on the source device there, move afterwards
+    t = t.to(device=t.device if dev.type == "mps" else dev)
     t = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
     if t.numel() and not bool(torch.isfinite(t).all()):
         raise ValueError("embeddings contain NaN or Inf")
     if normalize:
         t = F.normalize(t, p=2.0, dim=1)
-    return t.to(torch.float32).contiguous()
+    return t.to(torch.float32).to(dev).contiguous()
 
 
 def as_labels(y, device=None) -> torch.Tensor:
@@ -130,10 +134,27 @@ def _sort_by_sim_then_index(sims: torch.Tensor, idx: torch.Tensor) -> tuple[torc
     return sims, idx.gather(1, order)
 
 
-def _full_row_topk(rows_sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k with index tie-breaking on whole rows (used only for rows with a tie at the cut)."""
-    s, i = torch.sort(rows_sims, dim=1, descending=True, stable=True)
-    return s[:, :k], i[:, :k]
+_FIXUP_BYTES = 128 * 2**20  # working memory for the (rare) rows that need a full sort
+
+
+def row_batches(rows: torch.Tensor, n_cols: int, bytes_per_entry: int = 16) -> list[torch.Tensor]:
+    """Split ``rows`` into batches whose ``[batch, n_cols]`` temporaries stay within ``_FIXUP_BYTES``."""
+    step = max(1, _FIXUP_BYTES // max(1, bytes_per_entry * n_cols))
+    return list(torch.split(rows, step))
+
+
+def _full_row_topk(get_rows, rows: torch.Tensor, n_cols: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k with index tie-breaking on whole rows (only for rows with a tie at the cut).
+
+    ``get_rows(batch)`` returns the full similarity rows of a batch of row numbers; batches are
+    sized so that the stable sort's temporaries stay bounded.
+    """
+    vals, idxs = [], []
+    for b in row_batches(rows, n_cols):
+        s, i = torch.sort(get_rows(b), dim=1, descending=True, stable=True)
+        vals.append(s[:, :k])
+        idxs.append(i[:, :k])
+    return torch.cat(vals), torch.cat(idxs)
 
 
 def _fix_cut(
@@ -177,33 +198,35 @@ def _torch_chunk_topk(q, ref, start, k, exclude_self):
     n_avail = ref.shape[0] - int(exclude_self)
     kk = min(k + 1, n_avail)
     vals, idx = torch.topk(s, kk, dim=1, largest=True, sorted=True)
-    return _fix_cut(vals, idx, k, lambda rows: _full_row_topk(s[rows], k))
+    return _fix_cut(vals, idx, k, lambda rows: _full_row_topk(lambda b: s[b], rows, s.shape[1], k))
 
 
 def _faiss_chunk_topk(index, q, ref, start, k, exclude_self):
     n_ref = ref.shape[0]
     kq = min(k + int(exclude_self) + 1, n_ref)
     qn = q.detach().cpu().numpy()
-    D, I = index.search(qn, kq)
-    D = torch.from_numpy(D)
-    I = torch.from_numpy(I)
-    c = I.shape[0]
+    dist, nbr = index.search(qn, kq)
+    D = torch.from_numpy(dist)
+    idx = torch.from_numpy(nbr)
+    c = idx.shape[0]
     if exclude_self:
         rows = torch.arange(start, start + c).unsqueeze(1)
-        keep = I != rows
+        keep = idx != rows
         no_self = keep.all(dim=1)
         keep[no_self, -1] = False  # self not among the candidates: they are all valid, drop the last
         D = D[keep].view(c, kq - 1)
-        I = I[keep].view(c, kq - 1)
+        idx = idx[keep].view(c, kq - 1)
+
+    def rows_sims(b):
+        s = torch.mm(q[b], ref.T)
+        if exclude_self:
+            s[torch.arange(len(b)), b + start] = float("-inf")
+        return s
 
     def recompute(amb):
-        qc = q[amb].cpu()
-        s = torch.mm(qc, ref.cpu().T)
-        if exclude_self:
-            s[torch.arange(len(amb)), amb + start] = float("-inf")
-        return _full_row_topk(s, k)
+        return _full_row_topk(rows_sims, amb, n_ref, k)
 
-    return _fix_cut(D, I, k, recompute)
+    return _fix_cut(D, idx, k, recompute)
 
 
 def _faiss_index(ref: torch.Tensor):

@@ -39,6 +39,7 @@ from .knn import (
     iter_knn,
     prepare_embeddings,
     resolve_device,
+    row_batches,
     similarity_block,
 )
 
@@ -97,6 +98,8 @@ def count_relevant(query_labels, reference_labels, exclude_self: bool) -> torch.
 
 def _ap_rp(rel: torch.Tensor, num_rel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """AP@R and R-Precision per row from ranked relevance ``rel`` [c, k] (k >= R of each valid row)."""
+    if rel.device.type == "mps":  # no float64 on MPS; these arrays are small ([chunk, max R + 1])
+        rel, num_rel = rel.cpu(), num_rel.cpu()
     k = rel.shape[1]
     pos = torch.arange(1, k + 1, device=rel.device)
     relw = rel & (pos <= num_rel[:, None])
@@ -116,29 +119,34 @@ def _first_hit(rel: torch.Tensor) -> torch.Tensor:
 
 
 class _Acc:
-    def __init__(self, ks: Sequence[int]):
+    """Accumulates per-query results; sums happen once at the end, so chunking cannot change them."""
+
+    def __init__(self, ks: Sequence[int], n_queries: int = 0, device=None):
         self.ks = list(ks)
         self.n = 0
         self.hits = [0] * len(self.ks)
-        self.ap = 0.0
-        self.rp = 0.0
+        self.ap = torch.zeros(n_queries, dtype=torch.float64)  # per query, on CPU
+        self.rp = torch.zeros(n_queries, dtype=torch.float64)
 
-    def add(self, valid, first=None, ap=None, rp=None):
+    def add(self, s: int, valid, first=None, ap=None, rp=None):
         self.n += int(valid.sum())
         if first is not None:
             for i, k in enumerate(self.ks):
                 self.hits[i] += int(((first <= k) & valid).sum())
         if ap is not None:
-            self.ap += float(ap[valid].sum())
-            self.rp += float(rp[valid].sum())
+            e = s + valid.shape[0]
+            valid = valid.cpu()
+            zero = torch.zeros((), dtype=torch.float64)
+            self.ap[s:e] = torch.where(valid, ap.cpu(), zero)
+            self.rp[s:e] = torch.where(valid, rp.cpu(), zero)
 
     def result(self, map_r: bool, rprec: bool) -> dict[str, float]:
         n = self.n
-        out = {f"recall@{k}": (h / n if n else float("nan")) for k, h in zip(self.ks, self.hits)}
+        out = {f"recall@{k}": (h / n if n else float("nan")) for k, h in zip(self.ks, self.hits, strict=True)}
         if map_r:
-            out["map@r"] = self.ap / n if n else float("nan")
+            out["map@r"] = float(self.ap.sum()) / n if n else float("nan")
         if rprec:
-            out["r_precision"] = self.rp / n if n else float("nan")
+            out["r_precision"] = float(self.rp.sum()) / n if n else float("nan")
         return out
 
 
@@ -147,9 +155,11 @@ class _Acc:
 
 
 def _check_knn_labels(knn_labels, query_labels, num_relevant):
-    kl = as_labels(knn_labels.reshape(-1)).reshape(knn_labels.shape) if not isinstance(
-        knn_labels, torch.Tensor
-    ) else knn_labels.to(torch.int64)
+    kl = (
+        as_labels(knn_labels.reshape(-1)).reshape(knn_labels.shape)
+        if not isinstance(knn_labels, torch.Tensor)
+        else knn_labels.to(torch.int64)
+    )
     if kl.ndim != 2:
         raise ValueError("knn_labels must be [Q, k]")
     qy = as_labels(query_labels, kl.device)
@@ -176,8 +186,8 @@ def recall_at_k(knn_labels, query_labels, ks: Iterable[int] = (1,), num_relevant
         raise ValueError(f"K={ks[-1]} exceeds the {kl.shape[1]} neighbours given")
     valid = nr > 0 if nr is not None else torch.ones_like(qy, dtype=torch.bool)
     acc = _Acc(ks)
-    acc.add(valid, first=_first_hit(kl == qy[:, None]))
-    return {k: v for k, v in zip(ks, acc.result(False, False).values())}
+    acc.add(0, valid, first=_first_hit(kl == qy[:, None]))
+    return {k: v for k, v in zip(ks, acc.result(False, False).values(), strict=True)}
 
 
 def _ap_rp_metric(knn_labels, query_labels, num_relevant) -> tuple[float, float]:
@@ -187,9 +197,9 @@ def _ap_rp_metric(knn_labels, query_labels, num_relevant) -> tuple[float, float]
     valid = nr > 0
     if valid.any() and int(nr[valid].max()) > kl.shape[1]:
         raise ValueError(f"need at least max R = {int(nr[valid].max())} neighbours, got {kl.shape[1]}")
-    acc = _Acc(())
+    acc = _Acc((), qy.shape[0], qy.device)
     ap, rp = _ap_rp(kl == qy[:, None], nr)
-    acc.add(valid, ap=ap, rp=rp)
+    acc.add(0, valid, ap=ap, rp=rp)
     res = acc.result(True, True)
     return res["map@r"], res["r_precision"]
 
@@ -224,7 +234,7 @@ def _eval_torch(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk) 
     n_avail = n_ref - int(exclude_self)
     groups = _LabelGroups(ref_y)
     q_groups = groups.group_of(qy)
-    acc = _Acc(ks)
+    acc = _Acc(ks, q.shape[0], q.device)
     col = torch.arange(n_ref, device=q.device)
     sum_dtype = torch.float32 if n_ref < 2**24 else torch.float64
     for s, e in _iter_chunks(q.shape[0], chunk):
@@ -243,7 +253,8 @@ def _eval_torch(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk) 
             amb = valid & (cut < kk) & (vals[rows, cut - 1] == vals[rows, cut.clamp(max=kk - 1)])
             vals, idx = _sort_by_sim_then_index(vals, idx)
             if bool(amb.any()):
-                _, idx[amb] = _full_row_topk(S[amb], kk)
+                amb = amb.nonzero().flatten()
+                _, idx[amb] = _full_row_topk(S.__getitem__, amb, n_ref, kk)
             ap, rp = _ap_rp(ref_y[idx] == qy[s:e, None], rc)
         if ks:
             g = q_groups[s:e]
@@ -269,10 +280,10 @@ def _eval_torch(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk) 
             equal = n_ref - asum.round().to(torch.int64)
             first = 1 + above
             tie = valid & (equal > n_best)  # other (non-relevant) items tie with the best relevant one
-            if bool(tie.any()):
-                before = ((S[tie] == 0) & (col < best_idx[tie][:, None])).sum(1)
-                first[tie] += before
-        acc.add(valid, first=first, ap=ap, rp=rp)
+            if bool(tie.any()):  # count the tied items with a lower index than the best relevant one
+                for b in row_batches(tie.nonzero().flatten(), n_ref, bytes_per_entry=8):
+                    first[b] += ((S[b] == 0) & (col < best_idx[b][:, None])).sum(1)
+        acc.add(s, valid, first=first, ap=ap, rp=rp)
         del S
     return acc
 
@@ -282,14 +293,14 @@ def _eval_knn(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, ba
     valid_all = num_rel > 0
     max_r = int(num_rel[valid_all].max()) if bool(valid_all.any()) else 0
     kk = min(max(ks[-1] if ks else 0, max_r if need_rank else 0, 1), n_avail)
-    acc = _Acc(ks)
+    acc = _Acc(ks, q.shape[0], q.device)
     for s, e, _, idx in iter_knn(q, ref, kk, exclude_self=exclude_self, backend=backend, chunk_size=chunk):
         rc = num_rel[s:e]
         rel = ref_y[idx] == qy[s:e, None]
         ap = rp = None
         if need_rank:
             ap, rp = _ap_rp(rel, rc)
-        acc.add(rc > 0, first=_first_hit(rel) if ks else None, ap=ap, rp=rp)
+        acc.add(s, rc > 0, first=_first_hit(rel) if ks else None, ap=ap, rp=rp)
     return acc
 
 
@@ -357,8 +368,9 @@ def retrieval_metrics(
         num_rel = count_relevant(qy, ref_y, exclude_self)
         chunk = int(chunk_size) if chunk_size else default_chunk_size(ref.shape[0])
         if backend == "faiss":
-            acc = _eval_knn(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk,
-                            _resolve_backend("faiss", dev))
+            acc = _eval_knn(
+                q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, _resolve_backend("faiss", dev)
+            )
         else:
             acc = _eval_torch(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk)
         out.update(acc.result(bool(map_r), bool(r_precision)))

@@ -12,6 +12,8 @@ import torch.nn as nn
 from promptdml.config import ModelConfig
 from promptdml.models.backbone import PromptedViT, create_backbone
 from promptdml.models.heads import EmbeddingHead
+from promptdml.models.memory_bank import RowwiseOptimizer
+from promptdml.models.peft import LoRA, ParallelAdapters
 from promptdml.models.prompts import ClassPrompts, DeepPrompts, prompt_counts
 from promptdml.models.proxies import ProxyOutput, SemanticProxies
 
@@ -28,6 +30,11 @@ class PromptDMLModel(nn.Module):
 
     Only prompts, backbone biases (BitFit), heads, the container GRU, class prompts and the proxy bias
     are trainable; every other backbone weight is frozen and the backbone stays in eval mode.
+
+    The same class builds the baselines from its config: no prompts (``num_prompt=0``), VPT-shallow
+    (``prompt_depth=1``), plain proxies (``proxy.semantic=False``), BitFit on/off, parallel adapters
+    (``adapter.bottleneck>0``), LoRA on qkv (``lora.rank>0``) and full fine-tuning (``full_finetune``).
+    With the memory bank (``memory_bank``) the class-prompt table stays on the CPU.
     """
 
     def __init__(self, cfg: ModelConfig, num_classes: int, backbone: nn.Module | None = None) -> None:
@@ -43,14 +50,21 @@ class PromptDMLModel(nn.Module):
         self.shared_prompts = DeepPrompts(prompt_counts(p.num_prompt, p.prompt_depth, p.prompt_block_step, depth),
                                           width)
         self.embed_head = EmbeddingHead(self.backbone.feature_dim, cfg.embed_dim)
-        if cfg.bitfit:
+        self.full_finetune = cfg.full_finetune
+        if cfg.full_finetune:
+            vit.requires_grad_(True)
+        elif cfg.bitfit:
             for name, param in vit.named_parameters():
                 if name.endswith("bias"):
                     param.requires_grad_(True)
+        self.adapters = ParallelAdapters(vit.blocks, width, cfg.adapter) if cfg.adapter.bottleneck > 0 else None
+        self.lora = LoRA(vit.blocks, cfg.lora) if cfg.lora.rank > 0 else None
         self.semantic = cfg.proxy.semantic
+        self.memory_bank = self.semantic and (
+            cfg.memory_bank == "on" or (cfg.memory_bank == "auto" and num_classes >= cfg.memory_bank_threshold))
         if self.semantic:
             counts = prompt_counts(p.num_p_prompt, p.p_prompt_depth, p.prompt_p_block_step, depth)
-            self.class_prompts = ClassPrompts(num_classes, counts, width)
+            self.class_prompts = ClassPrompts(num_classes, counts, width, memory_bank=self.memory_bank)
             self.proxy_head = EmbeddingHead(self.backbone.feature_dim, cfg.embed_dim)
         self.proxies = SemanticProxies(num_classes, cfg.embed_dim, cfg.proxy)
 
@@ -90,16 +104,58 @@ class PromptDMLModel(nn.Module):
         return self
 
     # ---------------------------------------------------------------------------------------------
+    # The class-prompt table's row-wise optimiser (models/memory_bank.py); the trainer calls these.
+    def _row_tables(self) -> list[ClassPrompts]:
+        return [self.class_prompts] if self.semantic else []
+
+    def configure_row_optimizer(self, kind: str, momentum: float = 0.9, weight_decay: float = 0.0) -> None:
+        """Set the row-wise optimiser of the class-prompt table (same type and hyper-parameters as the
+        torch optimiser of the other parameters; its learning rate is passed to :meth:`step_rows`)."""
+        for table in self._row_tables():
+            table.optimizer = RowwiseOptimizer(kind, momentum=momentum, weight_decay=weight_decay)
+
+    def unscale_row_grads_(self, inv_scale: float) -> None:
+        for table in self._row_tables():
+            table.unscale_grad_(inv_scale)
+
+    def step_rows(self, lr: float) -> bool:
+        """Step the class-prompt rows of the last training forward (after backward); False if skipped."""
+        return all([table.step(lr) for table in self._row_tables()])
+
+    def row_optimizer_state_dict(self) -> dict:
+        """State of the class-prompt row-wise optimiser (momentum / Adam moments and per-row step counts), for
+        resuming; empty without the semantic branch. Tensors stay where they live (CPU with the bank)."""
+        return {"class_prompts": self.class_prompts.optimizer.state_dict()} if self.semantic else {}
+
+    def load_row_optimizer_state_dict(self, state: dict) -> None:
+        if self.semantic and state:
+            opt = self.class_prompts.optimizer
+            opt.load_state_dict(state["class_prompts"])
+            opt.state = {k: v.to(self.class_prompts.table.device) for k, v in opt.state.items()}
+
+    def gradient_tensors(self) -> list[torch.Tensor]:
+        """Every tensor that holds a gradient of this step (trainable parameters + the memory bank's device
+        rows), e.g. for global-norm gradient clipping."""
+        params = [p for ps in self.trainable_groups().values() for _, p in ps if isinstance(p, nn.Parameter)]
+        return params + [t for table in self._row_tables() if table.memory_bank for t in table.grad_tensors()]
+
+    # ---------------------------------------------------------------------------------------------
+    GROUPS = ("shared_prompts", "bitfit", "backbone_full", "adapter", "lora", "embed_head", "class_prompts",
+              "proxy_head", "container_gru", "proxy_bias")
+
     def trainable_groups(self) -> OrderedDict[str, list[tuple[str, nn.Parameter]]]:
-        """Trainable parameters by role (each can receive a gradient)."""
-        groups: OrderedDict[str, list[tuple[str, nn.Parameter]]] = OrderedDict(
-            (g, []) for g in ("shared_prompts", "bitfit", "embed_head", "class_prompts", "proxy_head",
-                              "container_gru", "proxy_bias"))
+        """Trainable parameters by role (each can receive a gradient).
+
+        With the memory bank the ``class_prompts`` entry is the CPU table (a plain tensor, not a registered
+        parameter)."""
+        groups: OrderedDict[str, list[tuple[str, nn.Parameter]]] = OrderedDict((g, []) for g in self.GROUPS)
         for name, param in self.named_parameters():
-            if not param.requires_grad:
+            if not param.requires_grad or param.numel() == 0:
                 continue
             if name.startswith("backbone."):
-                group = "bitfit"
+                group = "backbone_full" if self.full_finetune else "bitfit"
+            elif name.startswith("adapters."):
+                group = "adapter"
             elif name.startswith("proxies.gru."):
                 group = "container_gru"
             elif name == "proxies.bias":
@@ -107,14 +163,30 @@ class PromptDMLModel(nn.Module):
             else:
                 group = name.split(".", 1)[0]
             groups[group].append((name, param))
+        if self.memory_bank and self.class_prompts.table.numel():
+            groups["class_prompts"].append(("class_prompts.table", self.class_prompts.table))
         return OrderedDict((g, ps) for g, ps in groups.items() if ps)
 
     def trainable_state(self) -> OrderedDict[str, torch.Tensor]:
-        """What a checkpoint stores: trainable parameters and the proxy container."""
+        """What a checkpoint stores: trainable parameters (including the memory bank's CPU table, under the
+        same name as without the bank) and the proxy container."""
         state = OrderedDict((n, p.detach()) for n, p in self.named_parameters() if p.requires_grad)
+        if self.memory_bank:
+            state["class_prompts.table"] = self.class_prompts.table
         if self.semantic:
             state["proxies.container"] = self.proxies.container
         return state
+
+    def merge_into_backbone(self) -> int:
+        """Fold LoRA updates into the frozen qkv weights for inference; returns the number of merged layers.
+
+        Raises :class:`~promptdml.models.peft.MergeError` for adapters (non-linear, cannot be merged)."""
+        if self.adapters is not None:
+            self.adapters.merge_into_backbone()
+        if self.lora is None:
+            return 0
+        self.lora.merge_into_backbone()
+        return len(self.lora)
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         expected = set(self.trainable_state())
@@ -123,6 +195,8 @@ class PromptDMLModel(nn.Module):
             raise ValueError(f"checkpoint does not match the model built from its config: missing "
                              f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
         own = dict(self.named_parameters()) | dict(self.named_buffers())
+        if self.memory_bank:
+            own["class_prompts.table"] = self.class_prompts.table
         with torch.no_grad():
             for name, value in state.items():
                 if own[name].shape != value.shape:
@@ -143,15 +217,21 @@ def count_parameters(model: PromptDMLModel) -> dict[str, int]:
     counts = {g: sum(p.numel() for _, p in ps) for g, ps in model.trainable_groups().items()}
     counts["trainable"] = sum(counts.values())
     counts["all"] = sum(p.numel() for p in model.parameters())
+    if model.memory_bank:  # the CPU table is not a registered parameter
+        counts["all"] += model.class_prompts.table.numel()
     counts["backbone"] = sum(p.numel() for p in model.backbone.parameters())
     return counts
 
 
 def format_parameter_report(model: PromptDMLModel) -> str:
+    """One line per trainable group (with % of the backbone), then the
+    ``trainable params: N || all params: M || trainable%: P`` summary."""
     c = count_parameters(model)
     lines = [f"{'group':<16}{'params':>12}{'% of backbone':>16}"]
     for g in model.trainable_groups():
         lines.append(f"{g:<16}{c[g]:>12,}{100 * c[g] / c['backbone']:>15.3f}%")
+    if model.memory_bank:
+        lines.append("memory bank: on (class-prompt table and its optimiser state on the CPU)")
     lines.append(f"trainable params: {c['trainable']:,} || all params: {c['all']:,} || "
                  f"trainable%: {100 * c['trainable'] / c['all']:.4f}")
     return "\n".join(lines)

@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn as nn
 
+from promptdml.models.memory_bank import RowwiseOptimizer
+
 
 def prompt_counts(num: int, depth: int, step: int, num_blocks: int) -> list[int]:
     """Prompts per block: n_i = max(num - i * step, 0) for i < depth, else 0 (length ``num_blocks``)."""
@@ -36,9 +38,19 @@ class ClassPrompts(nn.Module):
 
     Each class's prompts of block i are initialised Xavier-normal over ``[m_i, D]``, so the scale does not
     shrink with the number of classes (a defect of the original code).
+
+    The table is trained by its own :class:`RowwiseOptimizer` (lazy/row-wise semantics, see
+    ``models/memory_bank.py``), never by the torch optimisers of the other parameters:
+
+    - ``memory_bank=False``: ``table`` is an ``nn.Parameter`` on the model's device; its gradient is read
+      at the rows of the batch's classes.
+    - ``memory_bank=True``: ``table`` is a plain CPU tensor that is *not* registered with the module (so
+      ``model.to(device)`` leaves it, and its optimiser state, on the CPU). Each training forward copies
+      the batch's distinct classes' rows to the device as a leaf tensor ``rows`` ``[b, T, D]`` that
+      receives the gradient; :meth:`step` updates those rows and writes them back.
     """
 
-    def __init__(self, num_classes: int, counts: list[int], dim: int) -> None:
+    def __init__(self, num_classes: int, counts: list[int], dim: int, memory_bank: bool = False) -> None:
         super().__init__()
         self.counts = list(counts)
         self.offsets = [sum(counts[:i]) for i in range(len(counts))]
@@ -48,13 +60,70 @@ class ClassPrompts(nn.Module):
             if m:
                 o = self.offsets[i]
                 table[:, o:o + m].normal_(0.0, _xavier_std(m, dim))
-        self.table = nn.Parameter(table)
+        self.memory_bank = memory_bank
+        if memory_bank:
+            self.table = table  # plain attribute: stays on the CPU, not part of parameters()/buffers()
+        else:
+            self.table = nn.Parameter(table)
+        self.optimizer = RowwiseOptimizer()
+        self._pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @property
     def num_classes(self) -> int:
         return self.table.shape[0]
 
+    @property
+    def rows(self) -> torch.Tensor | None:
+        """The device buffer of the current batch's rows (memory bank only; None between steps)."""
+        return self._pending[1] if self._pending is not None else None
+
     def forward(self, labels: torch.Tensor) -> list[torch.Tensor | None]:
         """Per-block prompts ``[B, m_i, D]`` of each sample's class."""
-        rows = self.table.index_select(0, labels)
-        return [rows[:, o:o + m] if m > 0 else None for o, m in zip(self.offsets, self.counts, strict=True)]
+        record = torch.is_grad_enabled()
+        if self.memory_bank:
+            classes, inverse = torch.unique(labels, return_inverse=True)
+            index = classes.to(self.table.device)
+            rows = self.table.index_select(0, index).to(labels.device)
+            if record:
+                rows.requires_grad_(True)
+                self._pending = (index, rows)
+            per_sample = rows.index_select(0, inverse)
+        else:
+            if record:
+                self.table.grad = None  # the row-wise optimiser owns this gradient
+                self._pending = (torch.unique(labels).to(self.table.device), None)
+            per_sample = self.table.index_select(0, labels)
+        return [per_sample[:, o:o + m] if m > 0 else None for o, m in zip(self.offsets, self.counts, strict=True)]
+
+    # ---------------------------------------------------------------------------------------------
+    def grad_tensors(self) -> list[torch.Tensor]:
+        """Tensors holding the class-prompt gradient of the pending step (for global-norm clipping)."""
+        if self._pending is None:
+            return []
+        rows = self._pending[1]
+        grad_holder = rows if self.memory_bank else self.table
+        return [grad_holder] if grad_holder is not None and grad_holder.grad is not None else []
+
+    @torch.no_grad()
+    def unscale_grad_(self, inv_scale: float) -> None:
+        """Undo loss scaling (fp16 GradScaler) on the pending gradient."""
+        for t in self.grad_tensors():
+            t.grad.mul_(inv_scale)
+
+    @torch.no_grad()
+    def step(self, lr: float) -> bool:
+        """Apply the row-wise optimiser to the pending batch rows; False if there was nothing to do or the
+        gradient was not finite (the step is then skipped, like GradScaler skips the other optimisers)."""
+        if self._pending is None:
+            return False
+        index, rows = self._pending
+        self._pending = None
+        if self.memory_bank:
+            grad = rows.grad
+        else:
+            grad = self.table.grad.index_select(0, index) if self.table.grad is not None else None
+            self.table.grad = None
+        if grad is None or not bool(torch.isfinite(grad).all()):
+            return False
+        self.optimizer.step(self.table.detach(), index, grad, lr)
+        return True

@@ -1,0 +1,223 @@
+"""Speed / memory benchmark of promptdml.metrics.retrieval_metrics on synthetic SOP-sized data.
+
+Measures in one process, on the same embeddings:
+  * floor: faiss IndexFlatIP exact search at the largest k the suite needs (max K + 1 incl. self);
+  * suite: retrieval_metrics(ks=(1, 10, 100, 1000), MAP@R, R-Precision) with backend auto / faiss;
+  * pytorch-metric-learning AccuracyCalculator(k="max_bin_count") (precision_at_1, MAP@R, R-Precision).
+Peak extra memory = peak RSS (sampled every 5 ms) minus RSS before the step.
+
+    python benchmarks/eval_speed.py                # full size (60,502 x 512, 11,316 classes), writes BENCHMARKS.md
+    python benchmarks/eval_speed.py --n 5000 --no-write   # quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples RSS in a thread; ``extra`` = peak - RSS at start (bytes)."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+
+    def __enter__(self):
+        gc.collect()
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss())
+        self.extra = self.peak - self.base
+
+
+def sop_like_class_sizes(
+    n: int, n_classes: int, rng: np.random.Generator, lo: int = 2, hi: int = 12
+) -> np.ndarray:
+    """Class sizes in [lo, hi], skewed to small classes (like SOP), summing exactly to n."""
+    if not lo * n_classes <= n <= hi * n_classes:
+        raise ValueError("n is not reachable with these class sizes")
+    mean = n / n_classes
+    p = 1.0 / max(1e-6, mean - lo + 1)  # geometric excess over lo with the right mean
+    sizes = np.clip(lo + rng.geometric(p, n_classes) - 1, lo, hi)
+    while (d := int(sizes.sum()) - n) != 0:
+        cand = np.flatnonzero(sizes > lo) if d > 0 else np.flatnonzero(sizes < hi)
+        pick = rng.choice(cand, size=min(abs(d), len(cand)), replace=False)
+        sizes[pick] += -1 if d > 0 else 1
+    return sizes
+
+
+def make_data(n: int, dim: int, n_classes: int, noise: float, seed: int):
+    rng = np.random.default_rng(seed)
+    sizes = sop_like_class_sizes(n, n_classes, rng)
+    labels = np.repeat(np.arange(n_classes), sizes)
+    labels = labels[rng.permutation(n)]
+    centres = rng.standard_normal((n_classes, dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = centres[labels] + noise / np.sqrt(dim) * rng.standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x, dtype=np.float32), labels.astype(np.int64), sizes
+
+
+def timed(fn):
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        out = fn()
+        dt = time.perf_counter() - t
+    return out, dt, mem.extra
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=60502)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--classes", type=int, default=None, help="default: n * 11316 / 60502")
+    ap.add_argument("--noise", type=float, default=2.15, help="noise norm relative to the class centre")
+    ap.add_argument("--ks", type=int, nargs="+", default=[1, 10, 100, 1000])
+    ap.add_argument("--chunk-size", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch/faiss threads (default: library default)"
+    )
+    ap.add_argument("--skip-pml", action="store_true")
+    ap.add_argument(
+        "--skip-faiss-suite", action="store_true", help="do not time the suite with backend='faiss'"
+    )
+    ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    args = ap.parse_args(argv)
+
+    import faiss
+
+    from promptdml.metrics import retrieval_metrics
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
+    n_classes = args.classes or max(1, round(args.n * 11316 / 60502))
+    x, y, sizes = make_data(args.n, args.dim, n_classes, args.noise, args.seed)
+    ks = sorted(set(args.ks))
+    k_floor = min(max(ks) + 1, args.n)
+    print(
+        f"data: {args.n} x {args.dim} fp32, {n_classes} classes (sizes {sizes.min()}-{sizes.max()}), "
+        f"torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
+    rows = []
+
+    def floor():
+        index = faiss.IndexFlatIP(args.dim)
+        index.add(x)
+        return index.search(x, k_floor)
+
+    _, t_floor, m_floor = timed(floor)
+    print(f"floor faiss IndexFlatIP k={k_floor}: {t_floor:.1f} s, +{m_floor / 2**20:.0f} MiB", flush=True)
+    rows.append((f"floor: faiss `IndexFlatIP` search, k={k_floor}", t_floor, m_floor, None))
+
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    suite = dict(ks=ks, map_r=True, r_precision=True, chunk_size=args.chunk_size)
+    res, t_suite, m_suite = timed(lambda: retrieval_metrics(xt, yt, backend="auto", **suite))
+    print(f"suite auto: {t_suite:.1f} s, +{m_suite / 2**20:.0f} MiB, {res}", flush=True)
+    rows.append(("`retrieval_metrics` (backend auto = torch path)", t_suite, m_suite, res))
+    if not args.skip_faiss_suite:
+        res_f, t_sf, m_sf = timed(lambda: retrieval_metrics(xt, yt, backend="faiss", **suite))
+        print(f"suite faiss: {t_sf:.1f} s, +{m_sf / 2**20:.0f} MiB, {res_f}", flush=True)
+        rows.append(("`retrieval_metrics` (backend faiss)", t_sf, m_sf, res_f))
+        for key in res:
+            if abs(res[key] - res_f[key]) > 1e-6:
+                print(f"WARNING: torch/faiss disagree on {key}: {res[key]} vs {res_f[key]}")
+
+    pml_res = None
+    if not args.skip_pml:
+        from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+        calc = AccuracyCalculator(
+            include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
+            k="max_bin_count",
+            device=torch.device("cpu"),
+        )
+        pml_res, t_pml, m_pml = timed(lambda: calc.get_accuracy(xt, yt))
+        print(f"PML AccuracyCalculator: {t_pml:.1f} s, +{m_pml / 2**20:.0f} MiB, {pml_res}", flush=True)
+        rows.append(
+            ("pytorch-metric-learning `AccuracyCalculator(k='max_bin_count')`", t_pml, m_pml, pml_res)
+        )
+        for mine, theirs in (
+            ("recall@1", "precision_at_1"),
+            ("map@r", "mean_average_precision_at_r"),
+            ("r_precision", "r_precision"),
+        ):
+            if mine in res:
+                print(
+                    f"  {mine}: ours {res[mine]:.6f}  PML {pml_res[theirs]:.6f}  diff {res[mine] - pml_res[theirs]:+.2e}"
+                )
+
+    if args.no_write:
+        return
+    from report import update_section
+
+    def fmt_res(r):
+        if r is None:
+            return ""
+        return ", ".join(f"{k} {v:.4f}" for k, v in r.items())
+
+    lines = [
+        "## Evaluation speed (`benchmarks/eval_speed.py`)",
+        "",
+        f"Synthetic SOP-sized data: {args.n:,} x {args.dim} fp32 embeddings, {n_classes:,} classes "
+        f"(sizes {sizes.min()}-{sizes.max()}, class centre + noise {args.noise}), test set against itself. "
+        f"Suite = Recall@{'/'.join(map(str, ks))}, MAP@R, R-Precision. "
+        f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), faiss {faiss.__version__}; "
+        "one run, all steps in one process (the machine was shared, so absolute times are noisy).",
+        "",
+        "| step | time (s) | x floor | peak extra RSS (MiB) | metrics |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, t, m, r in rows:
+        lines.append(f"| {name} | {t:.1f} | {t / t_floor:.2f} | {m / 2**20:.0f} | {fmt_res(r)} |")
+    lines += [
+        "",
+        f"Targets: suite <= 1.3x floor ({t_suite / t_floor:.2f}x: {'met' if t_suite <= 1.3 * t_floor else 'NOT met'}), "
+        + (
+            f"faster than PML ({t_suite:.1f} s vs {rows[-1][1]:.1f} s: "
+            f"{'met' if t_suite < rows[-1][1] else 'NOT met'}), "
+            if pml_res is not None
+            else ""
+        )
+        + f"peak extra memory < 2 GiB ({m_suite / 2**30:.2f} GiB: {'met' if m_suite < 2**30 * 2 else 'NOT met'}).",
+        "The torch path never retrieves the 1000 neighbours: Recall@K for every K comes from the rank of the "
+        "best relevant item (counted in the similarity block), and only max R + 1 items are top-k'ed for "
+        "MAP@R / R-Precision.",
+    ]
+    update_section("eval_speed", "\n".join(lines))
+    print("BENCHMARKS.md updated (section eval_speed)")
+
+
+if __name__ == "__main__":
+    main()

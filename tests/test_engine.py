@@ -1,0 +1,145 @@
+"""Resume, atomic checkpoints, non-finite losses, model selection on the validation split."""
+
+import pytest
+import torch
+from conftest import tiny_config
+from data_fixtures import make_folder
+
+from promptdml.engine import Trainer, TrainingError
+from promptdml.engine.state import LAST, RESUME_DIR, load_resume_state
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    return make_folder(tmp_path / "imgs", {f"c{i:02d}": 4 for i in range(12)})
+
+
+def _cfg(tiny_weights, root, out, **extra):
+    overrides = {"data.dataset": "folder", "data.root": str(root), "data.batch_size": 4,
+                 "data.samples_per_class": 2, "data.batches_per_epoch": 3, "train.epochs": 2,
+                 "train.output_dir": str(out), "train.run_name": "r", "train.deterministic": True,
+                 "optim.lr": 0.05, "optim.optimizer": "adamw", "eval.batch_size": 8}
+    overrides.update(extra)
+    return tiny_config(tiny_weights, **overrides)
+
+
+def _quiet(_):
+    pass
+
+
+def test_resume_is_bitwise_identical(tiny_weights, data_root, tmp_path):
+    straight = Trainer(_cfg(tiny_weights, data_root, tmp_path / "a"), echo=_quiet)
+    result = straight.fit()
+
+    first = Trainer(_cfg(tiny_weights, data_root, tmp_path / "b"), echo=_quiet)
+    first._end_epoch(first._train_epoch())  # one epoch, then the process "stops"
+    del first
+    resumed = Trainer(_cfg(tiny_weights, data_root, tmp_path / "b"), run_dir=tmp_path / "b" / "r", echo=_quiet,
+                      resume=True)
+    assert resumed.epoch == 1
+    result_b = resumed.fit()
+    sa, sb = straight.model.trainable_state(), resumed.model.trainable_state()
+    assert set(sa) == set(sb)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    assert result.metrics == result_b.metrics
+    assert [r["loss"] for r in result.history] == [r["loss"] for r in result_b.history]
+
+
+def test_resume_mid_epoch_after_signal(tiny_weights, data_root, tmp_path):
+    import signal
+
+    from promptdml.engine.trainer import TrainingInterrupted
+
+    trainer = Trainer(_cfg(tiny_weights, data_root, tmp_path), echo=_quiet)
+    original = trainer.train_step
+
+    def step_then_signal(images, labels):
+        value = original(images, labels)
+        if trainer.global_step == 1:  # the signal arrives during the 2nd step
+            trainer._stop_signal = signal.SIGINT
+        return value
+
+    trainer.train_step = step_then_signal
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        trainer.fit()
+    state = load_resume_state(trainer.run_dir)
+    assert state["epoch"] == 0 and state["step_in_epoch"] == 2
+    resumed = Trainer(trainer.cfg, run_dir=trainer.run_dir, echo=_quiet, resume=True)
+    result = resumed.fit()
+    assert resumed.global_step == 2 * 3 and len(result.history) == 2
+
+
+def test_crash_during_checkpoint_write_keeps_previous(tiny_weights, data_root, tmp_path, monkeypatch):
+    trainer = Trainer(_cfg(tiny_weights, data_root, tmp_path, **{"train.epochs": 3}), echo=_quiet)
+    trainer._end_epoch(trainer._train_epoch())
+    good = load_resume_state(trainer.run_dir)
+
+    def dying_save(obj, f, *a, **k):
+        f.write(b"partial garbage")
+        raise OSError("simulated crash in the middle of the write")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    row = trainer._train_epoch()
+    with pytest.raises(OSError):
+        trainer._end_epoch(row)
+    monkeypatch.undo()
+    state = load_resume_state(trainer.run_dir)  # the previous 'last' is intact
+    assert state["epoch"] == good["epoch"] == 1
+    assert (trainer.run_dir / RESUME_DIR / LAST).is_file()
+
+
+def test_nonfinite_losses_are_skipped_then_abort(tiny_weights, data_root, tmp_path):
+    trainer = Trainer(_cfg(tiny_weights, data_root, tmp_path, **{"train.epochs": 1}), echo=_quiet)
+    real_loss = trainer.loss_fn
+    calls = {"n": 0}
+
+    def sometimes_nan(*args):
+        calls["n"] += 1
+        value = real_loss(*args)
+        return value * float("nan") if calls["n"] in (1, 3) else value
+
+    trainer.loss_fn = sometimes_nan
+    before = trainer.model.shared_prompts.params["0"].detach().clone()
+    result = trainer.fit()
+    assert trainer.skipped_steps == 2 and result.history[-1]["skipped_steps"] == 2
+    assert not torch.equal(before, trainer.model.shared_prompts.params["0"])  # the good step trained
+
+    trainer = Trainer(_cfg(tiny_weights, data_root, tmp_path / "x", **{"train.max_nonfinite_steps": 3}),
+                      echo=_quiet)
+    trainer.loss_fn = lambda *args: real_loss(*args) * float("nan")
+    with pytest.raises(TrainingError, match="non-finite for 3 consecutive steps"):
+        trainer.fit()
+
+
+def test_best_checkpoint_selected_on_validation_split_only(tiny_weights, data_root, tmp_path):
+    cfg = _cfg(tiny_weights, data_root, tmp_path, **{"data.val_ratio": 0.34, "train.epochs": 3, "eval.every": 1})
+    trainer = Trainer(cfg, echo=_quiet)
+    assert trainer.splits.val is not None and trainer.splits.val.num_classes == 2
+    calls = []
+    scores = {"val": [0.2, 0.5, 0.3], "test": [0.9, 0.1, 0.95]}  # test would pick epoch 3
+
+    def fake_evaluate(split="test", frozen_features=False):
+        calls.append(split)
+        value = scores[split][trainer.epoch - 1]
+        return {"recall@1": value, "map@r": value}
+
+    trainer.evaluate = fake_evaluate
+    trainer.fit()
+    assert trainer.best == {"epoch": 2, "value": 0.5}
+    assert (trainer.run_dir / RESUME_DIR / "best.safetensors").is_file()
+    assert calls == ["val", "test"] * 3
+    import json
+
+    summary = json.loads((trainer.run_dir / "metrics.json").read_text())
+    assert summary["best"]["selected_by"] == "val_map@r" and summary["best"]["epoch"] == 2
+
+
+def test_tensorboard_events_and_keep_n(tiny_weights, data_root, tmp_path):
+    pytest.importorskip("tensorboard")
+    cfg = _cfg(tiny_weights, data_root, tmp_path, **{"train.epochs": 3, "train.keep_checkpoints": 2})
+    trainer = Trainer(cfg, echo=_quiet)
+    trainer.fit()
+    assert list((trainer.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    kept = sorted(p.name for p in (trainer.run_dir / RESUME_DIR).glob("epoch_*.pt"))
+    assert kept == ["epoch_0002.pt", "epoch_0003.pt"]
