@@ -41,8 +41,11 @@ def test_train_writes_run_dir_and_checkpoint_round_trip(tiny_weights, folder_dat
     initial = {k: v.clone() for k, v in trainer.model.trainable_state().items()}
     result = trainer.fit()
     run = result.run_dir
-    for name in ("config.yaml", "metrics.json", "log.csv", "training.png", "model.safetensors"):
+    for name in ("config.yaml", "metrics.json", "log.csv", "training.png", "model.safetensors", "README.md"):
         assert (run / name).is_file(), name
+    card = (run / "README.md").read_text()
+    assert "VPTSP-G" in card and "vit_tiny_patch16_224" in card and "recall@1" in card
+    assert f"{summary_params(run)['trainable']:,}" in card
     assert len((run / "log.csv").read_text().strip().splitlines()) == 1 + cfg.train.epochs
     summary = json.loads((run / "metrics.json").read_text())
     assert set(summary["test"]) >= {"recall@1", "recall@2", "recall@4", "recall@8", "map@r"}
@@ -68,6 +71,10 @@ def test_train_writes_run_dir_and_checkpoint_round_trip(tiny_weights, folder_dat
     reproduced = json.loads((run / "metrics_eval_test.json").read_text())
     for key, value in summary["test"].items():
         assert reproduced[key] == pytest.approx(value, abs=1e-12), key
+
+
+def summary_params(run):
+    return json.loads((run / "metrics.json").read_text())["parameters"]
 
 
 def test_cli_train_and_info(tiny_weights, folder_data, tmp_path, capsys):

@@ -29,6 +29,7 @@ from promptdml.engine.device import (
     seed_everything,
 )
 from promptdml.engine.evaluator import evaluate
+from promptdml.engine.model_card import write_model_card
 from promptdml.engine.plots import plot_history
 from promptdml.engine.state import (
     LAST,
@@ -207,6 +208,9 @@ class Trainer:
             summary["best"] = {"epoch": self.best["epoch"], "selected_by": f"val_{cfg.eval.select_metric}",
                                "value": self.best["value"]}
         (self.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        test = self.splits.test
+        write_model_card(self.run_dir, cfg, summary, self.splits.train.num_classes,
+                         test.num_classes if test is not None else None)
         if self._tb is not None:
             self._tb.close()
         return TrainResult(self.run_dir, metrics, self.history, self.before)

@@ -1,0 +1,74 @@
+"""A short model card (README.md) written into every run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from promptdml.config import Config, ModelConfig
+from promptdml.models.backbone import resolve_weights_file
+
+
+def method_name(m: ModelConfig) -> str:
+    """Human-readable name of the trained parts, e.g. 'VPTSP-G (deep prompts + BitFit + semantic proxies)'."""
+    parts = []
+    if m.full_finetune:
+        parts.append("full fine-tuning")
+    if m.prompts.num_prompt:
+        parts.append("VPT-shallow" if m.prompts.prompt_depth == 1 else "VPT-deep")
+    if m.bitfit and not m.full_finetune:
+        parts.append("BitFit")
+    if m.adapter.bottleneck:
+        parts.append(f"adapter (bottleneck {m.adapter.bottleneck})")
+    if m.lora.rank:
+        parts.append(f"LoRA (rank {m.lora.rank})")
+    parts.append("head")
+    parts.append("semantic proxies" if m.proxy.semantic else "plain proxies")
+    name = " + ".join(parts)
+    return f"VPTSP-G ({name})" if m.proxy.semantic else name
+
+
+def write_model_card(run_dir: Path, cfg: Config, summary: dict[str, Any], class_count: int,
+                     test_classes: int | None) -> Path:
+    b, d = cfg.model.backbone, cfg.data
+    try:
+        weights = resolve_weights_file(b)
+    except Exception:  # the card must never fail a finished run
+        weights = None
+    source = f"local file `{weights}`" if weights else "the model hub (timm pretrained tag)"
+    params = summary["parameters"]
+    metrics = summary.get("test") or {}
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items())
+    split = (f"classes sorted by name, first {d.train_ratio:.0%} train" if d.dataset in ("folder", "csv", "demo")
+             else "the dataset's standard protocol")
+    best = summary.get("best")
+    best_line = (f"\nBest checkpoint (`checkpoints/best.safetensors`): epoch {best['epoch']}, selected by "
+                 f"{best['selected_by']} = {best['value']:.4f} on the validation split.\n" if best else "")
+    text = f"""# Model card: {run_dir.name}
+
+- **Backbone**: `{b.name}` at {b.img_size} px (frozen), weights from {source}
+- **Method**: {method_name(cfg.model)}
+- **Trainable parameters**: {params['trainable']:,} of {params['all']:,} ({100 * params['trainable'] / params['all']:.2f}%)
+- **Embedding**: {cfg.model.embed_dim}-d, L2-normalised (CLS -> LayerNorm -> Linear)
+- **Data**: `{d.dataset}` at `{d.root or '(default location)'}`: {class_count} training classes, {split};
+  test classes: {test_classes if test_classes is not None else 'query/gallery protocol'}
+- **Training**: {cfg.train.epochs} epochs, {cfg.optim.optimizer} lr {cfg.optim.lr:g} (proxies {cfg.optim.lr_proxy:g}),
+  batch {d.batch_size} with {d.samples_per_class} images per class, {summary['precision']} on {summary['device']},
+  {summary['train_seconds']:.0f} s; Proxy Anchor normalisation: {summary['loss_normalization']}
+
+## Test metrics (last epoch)
+
+| metric | value |
+|---|---|
+{rows}
+{best_line}
+## Reproduce
+
+```bash
+promptdml train --config {run_dir / 'config.yaml'}
+promptdml evaluate --run {run_dir}
+```
+"""
+    path = run_dir / "README.md"
+    path.write_text(text)
+    return path
