@@ -21,6 +21,11 @@ Two exact evaluation paths:
 * ``"faiss"`` (CPU): ``IndexFlatIP`` search for ``max(max K, max R)`` (+1 tie margin) neighbours.
 
 ``backend="auto"`` uses the torch path (it is the faster one; see BENCHMARKS.md, eval_speed).
+Both paths give identical metrics whenever the two backends compute identical fp32 similarities;
+otherwise only pairs of items whose similarities differ in the last fp32 bit can order
+differently (on 60k SOP-like embeddings: MAP@R differed by 2e-7 in one run, 0 in others).
+Recall@K for K >= the number of candidates is 1 for every query with R > 0. Per-query values are
+summed once at the end, so the summation order does not depend on ``chunk_size``.
 """
 
 from __future__ import annotations
