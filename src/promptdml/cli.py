@@ -82,12 +82,17 @@ def build_config(args: argparse.Namespace, default_config: str | None = None) ->
 # --------------------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     from promptdml.engine import train
+    from promptdml.engine.distributed import env_rank
     from promptdml.engine.trainer import resume
 
+    if env_rank() != 0:  # under torchrun only rank 0 reports; the other ranks log errors only
+        logging.getLogger().setLevel(logging.ERROR)
     if args.resume:
         result = resume(args.resume)
     else:
         result = train(build_config(args))
+    if env_rank() != 0:
+        return 0
     print(f"run directory: {result.run_dir}")
     print(_metrics_table({"test": result.metrics}))
     return 0

@@ -530,23 +530,85 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def describe_keys() -> list[tuple[str, str, Any, str]]:
-    """Every key as (dotted name, type, default, help) for docs and --help."""
-    rows = []
+    """Every leaf key as (dotted name, type, default, help), in declaration order, for docs and --help.
+
+    The help text is the field's docstring (the string literal right after the field in its dataclass);
+    keys without one fall back to the short texts below. The type is written as annotated
+    (``int``, ``list[int]``); the default is that of a fresh :class:`Config`. Covers nested sections
+    (``model.backbone``, ``model.adapter``, ``model.lora``, ...) at any depth.
+    """
+    import ast
+    import inspect
+
+    fallback = {
+        "data.batch_size": "Images per training batch (B); must be divisible by data.samples_per_class.",
+        "data.num_workers": "Data-loading worker processes (0 = load in the main process).",
+        "data.demo_classes": "demo: number of generated classes.",
+        "data.demo_images_per_class": "demo: generated images per class.",
+        "data.demo_image_size": "demo: side length of the generated images in pixels.",
+        "model.backbone.name": "timm model name of the frozen ViT, e.g. vit_small_patch16_224.augreg_in21k or "
+                               "vit_small_patch14_dinov2.lvd142m.",
+        "model.backbone.img_size": "Input resolution in pixels (position embeddings are resampled to it).",
+        "model.backbone.grad_checkpointing": "Recompute block activations in the backward pass (less memory, "
+                                             "slower).",
+        "model.prompts.num_prompt": "Shared prompts (embedding path): block i gets "
+                                    "max(num_prompt - i * prompt_block_step, 0) prompts (0 = none).",
+        "model.prompts.prompt_depth": "Number of blocks, from the first, that get shared prompts (1 = VPT-shallow).",
+        "model.prompts.prompt_block_step": "How many fewer shared prompts each following block gets.",
+        "model.prompts.num_p_prompt": "Class prompts (semantic proxy path): block i gets "
+                                      "max(num_p_prompt - i * prompt_p_block_step, 0) prompts of the sample's class.",
+        "model.prompts.p_prompt_depth": "Number of blocks, from the first, that get class prompts.",
+        "model.prompts.prompt_p_block_step": "How many fewer class prompts each following block gets.",
+        "model.proxy.rnn_dropout": "Dropout on the GRU output (the new container row); gru_relu and gru only.",
+        "model.embed_dim": "Embedding size E of the embedding head (and of the proxy head).",
+        "loss.alpha": "Proxy Anchor scale alpha applied to the cosine similarities.",
+        "loss.delta": "Proxy Anchor margin delta.",
+        "optim.lr": "Learning rate of everything trained except the proxy bias (prompts, heads, biases, GRU, "
+                    "class prompts; adapter/LoRA/backbone weights in the baselines).",
+        "optim.lr_proxy": "Learning rate of the proxy bias P_bias (a second optimiser of the same type).",
+        "optim.weight_decay": "Weight decay of both optimisers.",
+        "optim.momentum": "SGD momentum (optimizer=sgd).",
+        "optim.lr_min": "Learning rate at the end of the cosine period.",
+        "eval.recall_ks": "The K of Recall@K, e.g. [1, 10, 100, 1000] for SOP.",
+        "eval.batch_size": "Images per forward pass when embedding the evaluation splits.",
+        "train.epochs": "Number of training epochs.",
+        "train.seed": "Random seed (initialisation, batch sampling, augmentation).",
+        "train.output_dir": "Folder in which run directories are created (OUTPUT_DIR/RUN_NAME).",
+        "train.run_name": "Name of the run directory (empty = <dataset>-<date>-<time>).",
+        "train.progress": "Show progress bars.",
+    }
+
+    def field_docs(cls: type) -> dict[str, str]:
+        try:
+            tree = ast.parse(inspect.getsource(cls))
+        except (OSError, TypeError, SyntaxError):
+            return {}
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        docs = {}
+        for node, nxt in zip(body, body[1:], strict=False):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(inspect.cleandoc(nxt.value.value).split())
+        return docs
+
+    def type_name(tp: Any) -> str:
+        if typing.get_origin(tp) is None and isinstance(tp, type):
+            return tp.__name__
+        return str(tp).replace("typing.", "")
+
+    rows: list[tuple[str, str, Any, str]] = []
 
     def walk(cls: type, obj: Any, prefix: str) -> None:
-        import inspect
-        import re
-
-        src = inspect.getsource(cls)
-        docs = dict(re.findall(r"^\s+(\w+):[^\n]*\n\s+\"\"\"(.*?)\"\"\"", src, flags=re.S | re.M))
+        docs = field_docs(cls)
+        hints = _field_types(cls)
         for f in dataclasses.fields(cls):
-            tp = _field_types(cls)[f.name]
+            tp = hints[f.name]
+            key = prefix + f.name
             if dataclasses.is_dataclass(tp):
-                walk(tp, getattr(obj, f.name), prefix + f.name + ".")
+                walk(tp, getattr(obj, f.name), key + ".")
             else:
-                tname = getattr(tp, "__name__", str(tp))
-                rows.append((prefix + f.name, str(tname), getattr(obj, f.name),
-                             " ".join(docs.get(f.name, "").split())))
+                rows.append((key, type_name(tp), getattr(obj, f.name), docs.get(f.name) or fallback.get(key, "")))
 
     walk(Config, Config(), "")
     return rows

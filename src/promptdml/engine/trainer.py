@@ -19,14 +19,20 @@ import torch
 from tqdm.auto import tqdm
 
 from promptdml.config import Config, save_config
-from promptdml.data import Splits, build_splits, build_train_loader, build_transforms
+from promptdml.data import Splits, build_splits, build_transforms
 from promptdml.engine.checkpoint import CHECKPOINT_NAME, save_checkpoint
-from promptdml.engine.device import (
-    autocast,
-    make_grad_scaler,
-    resolve_device,
-    resolve_precision,
-    seed_everything,
+from promptdml.engine.device import autocast, make_grad_scaler, resolve_precision, seed_everything
+from promptdml.engine.distributed import (
+    SINGLE,
+    DistContext,
+    all_gather_cat,
+    all_gather_varlen,
+    all_reduce_grads_,
+    broadcast_object,
+    broadcast_tensors_,
+    build_sharded_train_loader,
+    check_replicas_equal,
+    init_distributed,
 )
 from promptdml.engine.evaluator import evaluate
 from promptdml.engine.model_card import write_model_card
@@ -95,17 +101,29 @@ def make_run_dir(cfg: Config) -> Path:
 
 
 class Trainer:
-    """Owns the model, data, optimisers and run directory of one training run."""
+    """Owns the model, data, optimisers and run directory of one training run.
+
+    Under torchrun (``WORLD_SIZE > 1``) it joins the process group and trains data-parallel with exact
+    single-process equivalence (``engine/distributed.py``, ``docs/distributed.md``): ``data.batch_size`` is the
+    global batch, each rank processes ``batch_size / world_size`` images of it, and rank 0 alone writes the run
+    directory (config, logs, plots, checkpoints, metrics, model card, tensorboard) and prints.
+    """
+
+    dist: DistContext = SINGLE  # class default: a Trainer built without __init__ is single-process
+    _stop_agreed = False
 
     def __init__(self, cfg: Config, splits: Splits | None = None, run_dir: Path | None = None,
                  echo: Callable[[str], None] = print, resume: bool = False) -> None:
         self.cfg = cfg
+        self.dist, self.device = init_distributed(cfg.train.device)
+        if not self.dist.is_main:  # other ranks stay quiet: no echo, no progress bars, only errors logged
+            echo = _quiet
+            log.setLevel(logging.ERROR)
         self.echo = echo
         seed_everything(cfg.train.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
-        self.device = resolve_device(cfg.train.device)
         self.dtype = resolve_precision(cfg.train.precision, self.device)
         self.splits = splits if splits is not None else build_splits(cfg.data)
         train = self.splits.train
@@ -116,11 +134,15 @@ class Trainer:
         self.scaler = make_grad_scaler(self.device, self.dtype)
         d = cfg.data
         transform = build_transforms(self.model.data_config, cfg.model.backbone.img_size, train=True)
-        self.loader = build_train_loader(train, transform, d.batch_size, d.samples_per_class,
-                                         d.batches_per_epoch or None, cfg.train.seed, d.num_workers,
-                                         self.device.type)
-        self.run_dir = run_dir or make_run_dir(cfg)
-        save_config(cfg, self.run_dir / "config.yaml")
+        # global batches of data.batch_size, split by whole classes across ranks; per-sample seeded augmentation
+        self.loader = build_sharded_train_loader(train, transform, d.batch_size, d.samples_per_class,
+                                                 d.batches_per_epoch or None, cfg.train.seed, d.num_workers,
+                                                 self.device.type, self.dist)
+        if run_dir is None:  # rank 0 names the run (a timestamp) and creates it; the others use that name
+            run_dir = broadcast_object(make_run_dir(cfg) if self.dist.is_main else None, self.dist)
+        self.run_dir = Path(run_dir)
+        if self.dist.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
         self.history: list[dict[str, float]] = []
         self.skipped_steps = 0
         self.epoch = 0  # epochs completed
@@ -131,22 +153,34 @@ class Trainer:
         self.train_seconds = 0.0
         self._stop_signal: int | None = None
         self._tb = None
-        if resume:
+        if resume:  # every rank reads checkpoints/last.pt (a shared file system across nodes)
             self.load_state(load_resume_state(self.run_dir))
+        if self.dist.enabled:
+            check_replicas_equal(self.model.trainable_state(), self.dist, "initial trainable state")
 
     # ---------------------------------------------------------------------------------------------
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         """One optimisation step; returns the loss (NaN if the step was skipped)."""
-        cfg, model = self.cfg, self.model
+        cfg, model, ctx = self.cfg, self.model, self.dist
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
+        gather = None
+        if ctx.enabled:  # all ranks' classes and container rows (with their graph) for the global proxies
+
+            def gather(t: torch.Tensor) -> torch.Tensor:
+                return all_gather_cat(t, ctx, "proxy/rows" if t.is_floating_point() else "proxy/classes")
+
         with autocast(self.device, self.dtype):
-            out = model.forward_train(images, labels, cfg.data.samples_per_class)
+            out = model.forward_train(images, labels, cfg.data.samples_per_class, gather=gather)
+        embeddings = out.embeddings
+        if ctx.enabled:  # the loss sees the global batch, computed identically on every rank
+            embeddings = all_gather_cat(embeddings, ctx, "embeddings")
+            labels = all_gather_cat(labels, ctx, "labels")
         p = out.proxy
         if cfg.loss.proxy_range == "both_all":
-            loss = self.loss_fn(out.embeddings, labels, p.proxies)
+            loss = self.loss_fn(embeddings, labels, p.proxies)
         else:
-            loss = self.loss_fn(out.embeddings, labels, p.batch_proxies, p.batch_classes)
+            loss = self.loss_fn(embeddings, labels, p.batch_proxies, p.batch_classes)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
@@ -154,6 +188,8 @@ class Trainer:
             log.warning("non-finite loss (%s): step skipped (%d so far)", loss.item(), self.skipped_steps)
             return float("nan")
         self.scaler.scale(loss).backward()
+        if ctx.enabled:
+            self._sync_gradients()
         # >>> memory-bank hook: class-prompt gradients are not in a torch optimiser; unscale them here
         if self.scaler.is_enabled():
             model.unscale_row_grads_(1.0 / self.scaler.get_scale())
@@ -169,9 +205,47 @@ class Trainer:
         model.commit(out)
         return loss.item()
 
+    def _sync_gradients(self) -> None:
+        """Distributed: sum the dense gradients of the parameters used before the gather (each rank holds its
+        images' share), exchange the class-prompt row gradients (union of the ranks' classes), and agree on a
+        stop request. The proxy bias is used only after the gather: its gradient is already complete on
+        every rank and is not communicated."""
+        ctx = self.dist
+        flags = all_reduce_grads_(self._dense_params(), ctx, flags=[float(self._stop_signal is not None)])
+        self._stop_agreed = self._stop_agreed or flags[0] > 0
+
+        def gather_varlen(t: torch.Tensor) -> list[torch.Tensor]:
+            return all_gather_varlen(t, ctx, "class_prompts/grads" if t.is_floating_point() else "class_prompts/ids")
+
+        self.model.exchange_row_grads(gather_varlen)
+
+    def _dense_params(self) -> list[torch.nn.Parameter]:
+        return [p for g, ps in self.model.trainable_groups().items() if g not in ("proxy_bias", "class_prompts")
+                for _, p in ps]
+
+    def _resync_replicated(self) -> None:
+        """Distributed, once per epoch: copy rank 0's proxy bias (and its optimiser state) to all ranks. They
+        are computed redundantly on every rank from identical inputs, so this is a no-op unless a
+        non-deterministic kernel made the replicas drift apart in the last bits."""
+        if not self.dist.enabled:
+            return
+        bias = self.model.proxies.bias
+        state = self.optimizers[1].state.get(bias, {})
+        tensors = [bias.data] + [v for _, v in sorted(state.items()) if torch.is_tensor(v) and v.dim() > 0]
+        broadcast_tensors_(tensors, self.dist, tag="resync/proxy_bias")
+
+    def _stop_requested(self) -> bool:
+        """A stop signal arrived (distributed: on any rank, agreed with the gradient sync of a step)."""
+        return self._stop_agreed if self.dist.enabled else self._stop_signal is not None
+
     def evaluate(self, split: str = "test", frozen_features: bool = False) -> dict[str, float]:
         return evaluate(self.model, self.splits, self.cfg, self.device, self.dtype, split,
-                        progress=self.cfg.train.progress, frozen_features=frozen_features)
+                        progress=self.cfg.train.progress and self.dist.is_main, frozen_features=frozen_features,
+                        dist=self.dist)
+
+    def close(self) -> None:
+        """Leave the process group if this trainer created it (end of a distributed run)."""
+        self.dist.close()
 
     def fit(self, evaluate_before: bool | None = None) -> TrainResult:
         """Train the remaining epochs (all of them, or those left after a resume) and finish the run."""
@@ -195,12 +269,16 @@ class Trainer:
                 metrics = self._end_epoch(row) or metrics
         if not metrics and self.history:  # resumed a run whose epochs were all done
             metrics = {k[5:]: v for k, v in self.history[-1].items() if k.startswith("test_")}
+        if not self.dist.is_main:  # rank 0 writes the run directory
+            self.dist.barrier()
+            return TrainResult(self.run_dir, metrics, self.history, self.before)
         save_checkpoint(self.model, cfg, self.run_dir / CHECKPOINT_NAME, self.splits.train.class_names)
         summary: dict[str, Any] = {
             "test": metrics, "before_training_frozen_features": self.before,
             "train_seconds": self.train_seconds, "epochs": cfg.train.epochs,
             "skipped_steps": self.skipped_steps, "parameters": counts,
             "loss_normalization": cfg.loss.normalization, "device": str(self.device),
+            "world_size": self.dist.world_size,
             "precision": str(self.dtype).replace("torch.", "") if self.dtype else "fp32",
             "peak_memory_mb": _peak_memory_mb(self.device),
         }
@@ -213,6 +291,7 @@ class Trainer:
                          test.num_classes if test is not None else None)
         if self._tb is not None:
             self._tb.close()
+        self.dist.barrier()
         return TrainResult(self.run_dir, metrics, self.history, self.before)
 
     def _train_epoch(self) -> dict[str, float] | None:
@@ -224,7 +303,7 @@ class Trainer:
         t0, losses, n_images, consecutive_bad = time.time(), [], 0, 0
         skip = self.step_in_epoch
         bar = tqdm(total=len(self.loader), initial=skip, desc=f"epoch {epoch}/{cfg.train.epochs}",
-                   disable=not cfg.train.progress, leave=False)
+                   disable=not (cfg.train.progress and self.dist.is_main), leave=False)
         batches = iter(self.loader) if skip == 0 else _skip_batches(self.loader, skip)
         for images, labels, _ in batches:
             value = self.train_step(images, labels)
@@ -240,11 +319,11 @@ class Trainer:
             else:
                 consecutive_bad = 0
                 losses.append(value)
-            n_images += labels.numel()
+            n_images += labels.numel() * self.dist.world_size  # global images
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{self.optimizers[0].param_groups[0]['lr']:.2e}",
                             img_s=f"{n_images / max(time.time() - t0, 1e-9):.1f}")
-            if self._stop_signal is not None and self.step_in_epoch < len(self.loader):
+            if self._stop_requested() and self.step_in_epoch < len(self.loader):
                 bar.close()
                 return None
         bar.close()
@@ -263,6 +342,7 @@ class Trainer:
         epoch = int(row["epoch"])
         for sched in self.schedulers:
             sched.step()
+        self._resync_replicated()
         self.epoch, self.step_in_epoch = epoch, 0
         last = epoch == cfg.train.epochs
         scheduled = bool(cfg.eval.every) and epoch % cfg.eval.every == 0
@@ -273,13 +353,15 @@ class Trainer:
             value = val[cfg.eval.select_metric]
             if not self.best or value > self.best["value"]:
                 self.best = {"epoch": epoch, "value": value}
-                save_checkpoint(self.model, cfg, self.run_dir / RESUME_DIR / "best.safetensors",
-                                self.splits.train.class_names)
+                if self.dist.is_main:
+                        save_checkpoint(self.model, cfg, self.run_dir / RESUME_DIR / "best.safetensors",
+                                    self.splits.train.class_names)
         if scheduled or last:
             metrics = self.evaluate("test")  # reported only; never used for selection
             row.update({f"test_{k}": v for k, v in metrics.items()})
         self.history.append(row)
-        self._write_log(row)
+        if self.dist.is_main:
+            self._write_log(row)
         self.echo(f"epoch {epoch}/{cfg.train.epochs}  loss {row['loss']:.4f}  {row['epoch_seconds']:.1f}s  "
                   f"{row['images_per_second']:.1f} img/s" + (f"  | {format_metrics(metrics)}" if metrics else ""))
         self.save_state()
@@ -313,7 +395,10 @@ class Trainer:
             setattr(self, key, state[key])
 
     def save_state(self) -> None:
-        """Write ``checkpoints/last.pt`` atomically, plus a per-epoch copy under the keep-N policy."""
+        """Write ``checkpoints/last.pt`` atomically, plus a per-epoch copy under the keep-N policy (rank 0 only:
+        the ranks' states are identical)."""
+        if not self.dist.is_main:
+            return
         folder = self.run_dir / RESUME_DIR
         state = self.state_dict()
         atomic_torch_save(state, folder / LAST)
@@ -351,6 +436,10 @@ class Trainer:
 
 class TrainingInterrupted(TrainingError):
     """Training stopped on SIGINT/SIGTERM after finishing a step; the resume state was saved."""
+
+
+def _quiet(_: str) -> None:
+    pass
 
 
 def _skip_batches(loader, n: int):
@@ -399,8 +488,12 @@ def format_metrics(metrics: dict[str, float]) -> str:
 
 
 def train(cfg: Config, echo: Callable[[str], None] = print, evaluate_before: bool | None = None) -> TrainResult:
-    """Train ``cfg`` end to end and write its run directory."""
-    return Trainer(cfg, echo=echo).fit(evaluate_before)
+    """Train ``cfg`` end to end and write its run directory (data-parallel under torchrun)."""
+    trainer = Trainer(cfg, echo=echo)
+    try:
+        return trainer.fit(evaluate_before)
+    finally:
+        trainer.close()
 
 
 def resume(run_dir: str | Path, echo: Callable[[str], None] = print) -> TrainResult:
@@ -409,4 +502,8 @@ def resume(run_dir: str | Path, echo: Callable[[str], None] = print) -> TrainRes
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
-    return Trainer(cfg, run_dir=run_dir, echo=echo, resume=True).fit()
+    trainer = Trainer(cfg, run_dir=run_dir, echo=echo, resume=True)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import timm.data
@@ -73,8 +74,14 @@ class PromptDMLModel(nn.Module):
         """L2-normalised embeddings ``[B, E]`` (float32)."""
         return self.embed_head(self.backbone(images, self.shared_prompts()))
 
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, samples_per_class: int) -> TrainOutput:
-        """Embeddings and proxies for a class-balanced batch (k contiguous images per class)."""
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, samples_per_class: int,
+                      gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TrainOutput:
+        """Embeddings and proxies for a class-balanced batch (k contiguous images per class).
+
+        ``gather`` (distributed training) concatenates a tensor over all ranks with gradient flowing back
+        (``engine/distributed.py``): the container rows are updated from this rank's images only, then all
+        ranks' classes and new rows are gathered and the proxies are built for the global batch, identically
+        on every rank. The returned embeddings stay local (the trainer gathers them)."""
         emb = self(images)
         k = samples_per_class
         if self.semantic:
@@ -87,9 +94,17 @@ class PromptDMLModel(nn.Module):
                                  "classes with k contiguous images each (use ClassBalancedBatchSampler)")
             feats = self.backbone(images, self.class_prompts(labels))
             q = self.proxy_head(feats).view(classes.numel(), k, -1)
-            out = self.proxies(classes, q)
+            if gather is None:
+                out = self.proxies(classes, q)
+            else:
+                h = self.proxies.update_rows(q, classes)
+                all_classes = gather(classes)
+                if all_classes.unique().numel() != all_classes.numel():
+                    raise ValueError("distributed training needs disjoint classes across ranks within a step "
+                                     "(each global batch is split by whole classes)")
+                out = self.proxies.assemble(all_classes, gather(h))
         else:
-            out = self.proxies(labels.unique(), None)
+            out = self.proxies((labels if gather is None else gather(labels)).unique(), None)
         return TrainOutput(emb, out)
 
     @torch.no_grad()
@@ -117,6 +132,13 @@ class PromptDMLModel(nn.Module):
     def unscale_row_grads_(self, inv_scale: float) -> None:
         for table in self._row_tables():
             table.unscale_grad_(inv_scale)
+
+    def exchange_row_grads(self, gather_varlen: Callable[[torch.Tensor], list[torch.Tensor]]) -> None:
+        """Distributed: replace each rank's pending class-prompt gradient (its own classes' rows) by the union
+        over all ranks, so every rank steps the same rows with the same gradients (``gather_varlen`` returns
+        every rank's tensor). Only the batch's rows travel, never the table."""
+        for table in self._row_tables():
+            table.exchange_pending_grad(gather_varlen)
 
     def step_rows(self, lr: float) -> bool:
         """Step the class-prompt rows of the last training forward (after backward); False if skipped."""

@@ -105,6 +105,39 @@ class ClassPrompts(nn.Module):
         return [grad_holder] if grad_holder is not None and grad_holder.grad is not None else []
 
     @torch.no_grad()
+    def exchange_pending_grad(self, gather_varlen) -> None:
+        """Distributed training: merge the pending gradients of all ranks.
+
+        ``gather_varlen(t)`` returns the list of every rank's ``t``. Each rank contributes ``(class ids, row
+        gradients)`` of its own batch classes; the union (duplicates summed) becomes the pending step on every
+        rank: with the memory bank a device buffer of the union's rows holding the merged gradient, without it
+        the merged rows written into ``table.grad``. A rank without a pending gradient is an error (all ranks
+        run the same graph)."""
+        if self._pending is None or self.table.numel() == 0:
+            return
+        index, rows = self._pending
+        if self.memory_bank:
+            grad = rows.grad
+            device = rows.device
+        else:
+            grad = self.table.grad.index_select(0, index) if self.table.grad is not None else None
+            device = self.table.device
+        if grad is None:
+            return  # the loss did not reach the class prompts (on every rank alike)
+        all_index = torch.cat(gather_varlen(index.to(device)))
+        all_grad = torch.cat(gather_varlen(grad))
+        union, inverse = torch.unique(all_index, return_inverse=True)
+        merged = all_grad.new_zeros((union.numel(), *all_grad.shape[1:])).index_add_(0, inverse, all_grad)
+        union = union.to(self.table.device)
+        if self.memory_bank:
+            holder = self.table.index_select(0, union).to(device)
+            holder.grad = merged
+            self._pending = (union, holder)
+        else:
+            self.table.grad.index_copy_(0, union, merged.to(self.table.grad.dtype))
+            self._pending = (union, None)
+
+    @torch.no_grad()
     def unscale_grad_(self, inv_scale: float) -> None:
         """Undo loss scaling (fp16 GradScaler) on the pending gradient."""
         for t in self.grad_tensors():

@@ -88,10 +88,16 @@ class SemanticProxies(nn.Module):
         return h
 
     def forward(self, classes: torch.Tensor, q: torch.Tensor | None) -> ProxyOutput:
+        if not self.semantic:
+            return self.assemble(classes, None)
+        return self.assemble(classes, self.update_rows(q, classes))
+
+    def assemble(self, classes: torch.Tensor, h: torch.Tensor | None) -> ProxyOutput:
+        """Proxies from the updated rows ``h`` of ``classes`` (distributed training calls this with all ranks'
+        classes and rows; ``h`` is None without the container)."""
         lam = self.ratio
         if not self.semantic:
             return ProxyOutput(self.bias, F.normalize(self.bias.index_select(0, classes), dim=-1), classes, None)
-        h = self.update_rows(q, classes)
         container = self.container.to(h.dtype).index_put((classes,), h)
         proxies = lam * self.bias + (1 - lam) * container
         batch = F.normalize(lam * self.bias.index_select(0, classes) + (1 - lam) * h, dim=-1)
