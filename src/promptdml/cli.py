@@ -12,7 +12,7 @@ from typing import Any
 from promptdml.config import Config, ConfigError, load_config
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-DOCS = "https://github.com/promptdml/promptdml#readme"
+DOCS = "docs/getting-started.md (all guides in docs/; every config key: docs/configuration.md)"
 
 
 def resolve_config_path(name: str | None) -> Path | None:
@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model and evaluate it on the test split",
                        description="Train on a dataset and write a run directory (config, log, plot, "
                                    "checkpoint, metrics). Example: promptdml train --config cub200_small "
-                                   "--data-root ~/data")
+                                   "--data-root ~/data. Your own images: docs/train-your-data.md; benchmarks: "
+                                   "docs/train-benchmark.md; all keys for --set: docs/configuration.md")
     _add_config_args(p, config_required=False)
     _add_train_flags(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last saved state "

@@ -373,7 +373,7 @@ def _unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
               for v in [x for x in valid if x.endswith("." + v) or x == v] if v not in close]
     hint = f" Closest valid keys: {', '.join(close[:4])}." if close else ""
     return ConfigError(f"unknown config key '{key}' in {where}.{hint} "
-                       "See `promptdml train --help` or docs for the list of keys.")
+                       "Every key: docs/configuration.md.")
 
 
 def _apply(cfg: Any, data: dict[str, Any], prefix: str, where: str) -> None:

@@ -63,9 +63,12 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
         classes, inverse = np.unique(labels, return_inverse=True)
         m = batch_size // k
         if len(classes) < m:
-            raise ValueError(
+            from .records import DataError
+
+            raise DataError(
                 f"batch_size / samples_per_class = {batch_size} / {k} = {m} classes per batch, but the training "
-                f"split has only {len(classes)} classes. Lower data.batch_size or raise data.samples_per_class.")
+                f"split has only {len(classes)} classes. Lower data.batch_size or raise data.samples_per_class "
+                "(see docs/train-your-data.md).")
         order = np.argsort(inverse, kind="stable")
         bounds = np.cumsum(np.bincount(inverse, minlength=len(classes)))[:-1]
         self.class_indices: list[np.ndarray] = np.split(order, bounds)

@@ -14,7 +14,7 @@ class EmbeddingHead(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(in_dim)
         self.fc = nn.Linear(in_dim, embed_dim)
-        nn.init.trunc_normal_(self.fc.weight, std=0.02)
+        nn.init.xavier_uniform_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

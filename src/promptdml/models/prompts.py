@@ -15,6 +15,13 @@ def prompt_counts(num: int, depth: int, step: int, num_blocks: int) -> list[int]
     return [max(num - i * step, 0) if i < depth else 0 for i in range(num_blocks)]
 
 
+def _prompt_std(n: int, dim: int) -> float:
+    """Xavier-normal std of one prompt set viewed as ``[1, n, D]`` (fan_in = n * D, fan_out = D), the
+    original code's initialisation of the shared prompts. The class prompts use the same per-class scale
+    (the original initialised the whole ``[C, n, D]`` table, so its scale shrank with C)."""
+    return math.sqrt(2.0 / ((n + 1) * dim))
+
+
 def _xavier_std(fan_in: int, fan_out: int) -> float:
     return math.sqrt(2.0 / (fan_in + fan_out))
 
@@ -26,7 +33,7 @@ class DeepPrompts(nn.Module):
         super().__init__()
         self.counts = list(counts)
         self.params = nn.ParameterDict({
-            str(i): nn.Parameter(torch.randn(n, dim) * _xavier_std(n, dim)) for i, n in enumerate(counts) if n > 0
+            str(i): nn.Parameter(torch.randn(n, dim) * _prompt_std(n, dim)) for i, n in enumerate(counts) if n > 0
         })
 
     def forward(self) -> list[torch.Tensor | None]:
@@ -59,7 +66,7 @@ class ClassPrompts(nn.Module):
         for i, m in enumerate(counts):
             if m:
                 o = self.offsets[i]
-                table[:, o:o + m].normal_(0.0, _xavier_std(m, dim))
+                table[:, o:o + m].normal_(0.0, _prompt_std(m, dim))
         self.memory_bank = memory_bank
         if memory_bank:
             self.table = table  # plain attribute: stays on the CPU, not part of parameters()/buffers()

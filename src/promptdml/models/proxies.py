@@ -23,6 +23,10 @@ class ProxyGRUCell(nn.Module):
         self.x_proj = nn.Linear(dim, 3 * dim)  # Wz, Wr, Wn with bz, br, bn
         self.h_proj = nn.Linear(dim, 3 * dim, bias=False)  # Uz, Ur, Un
         self.activation = activation
+        for weight in (self.x_proj.weight, self.h_proj.weight):  # Xavier-uniform per gate matrix, zero biases
+            for gate in weight.data.chunk(3, dim=0):
+                nn.init.xavier_uniform_(gate)
+        nn.init.zeros_(self.x_proj.bias)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         xz, xr, xn = self.x_proj(x).chunk(3, dim=-1)
