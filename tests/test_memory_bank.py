@@ -13,15 +13,6 @@ from promptdml.models.memory_bank import RowwiseOptimizer
 NUM_CLASSES = 8
 STEPS = [[0, 3, 5], [3, 1, 7], [5, 2, 3]]  # the batch's classes per step; class 3 is in every batch
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded; with 2 OpenMP threads on busy shared cores a tiny step takes
-    ~1 s of spin-waiting instead of ~10 ms."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 
 def bare_trainer(cfg, model):

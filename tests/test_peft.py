@@ -17,15 +17,6 @@ from promptdml.models.peft import LoRA, MergeError, ParallelAdapters
 CONFIGS = Path(__file__).resolve().parent.parent / "src" / "promptdml" / "configs"
 METHODS = ["linear", "bitfit", "vpt_shallow", "vpt_deep", "adapter", "lora", "full", "plain_proxies"]
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded; with 2 OpenMP threads on busy shared cores a tiny step takes
-    ~1 s of spin-waiting instead of ~10 ms."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 
 def _vit(name, **kw):

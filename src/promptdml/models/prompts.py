@@ -22,9 +22,6 @@ def _prompt_std(n: int, dim: int) -> float:
     return math.sqrt(2.0 / ((n + 1) * dim))
 
 
-def _xavier_std(fan_in: int, fan_out: int) -> float:
-    return math.sqrt(2.0 / (fan_in + fan_out))
-
 
 class DeepPrompts(nn.Module):
     """Shared prompts, one ``[n_i, D]`` tensor per block that gets any (Xavier-normal init)."""
