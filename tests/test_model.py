@@ -74,6 +74,35 @@ def test_container_update_and_mixing(update):
     assert "container" in dict(sp.named_buffers()) and "container" not in dict(sp.named_parameters())
 
 
+def _mean_offdiag_cos(rows):
+    n, total = rows.shape[0], 0.0
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                total += float(F.cosine_similarity(rows[i], rows[j], dim=0))
+    return total / (n * (n - 1))
+
+
+@pytest.mark.parametrize("semantic", [True, False])
+def test_proxy_geometry_against_pairwise_loop(semantic):
+    torch.manual_seed(3)
+    sp = SemanticProxies(5, 4, ProxyConfig(semantic=semantic, proxy_bias_ratio=0.3))
+    geo = sp.geometry()
+    if semantic:
+        expected = 0.3 * sp.bias.detach() + 0.7 * sp.container
+        assert geo["container_cos"] == pytest.approx(_mean_offdiag_cos(sp.container), abs=1e-6)
+    else:
+        expected = sp.bias.detach()
+        assert "container_cos" not in geo
+    assert geo["proxy_cos"] == pytest.approx(_mean_offdiag_cos(expected), abs=1e-6)
+    # a collapsed container (every row the same direction) reads as cosine 1
+    sp2 = SemanticProxies(5, 4, ProxyConfig())
+    sp2.container.copy_(F.normalize(torch.ones(5, 4), dim=-1))
+    assert sp2.geometry()["container_cos"] == pytest.approx(1.0, abs=1e-6)
+    # subsampling picks evenly spaced classes, first and last included
+    assert sp.geometry(max_rows=2)["proxy_cos"] == pytest.approx(_mean_offdiag_cos(expected[[0, 4]]), abs=1e-6)
+
+
 def _tiny_vit(name="vit_tiny_patch16_224", **kw):
     torch.manual_seed(0)
     return timm.create_model(name, pretrained=False, num_classes=0, img_size=32, depth=2, **kw).eval()

@@ -50,6 +50,9 @@ from promptdml.models import PromptDMLModel, count_parameters, create_model, for
 
 log = logging.getLogger("promptdml")
 
+COLLAPSE_COS = 0.9
+"""Mean pairwise proxy (or container-row) cosine above which the trainer warns of a proxy collapse."""
+
 
 class TrainingError(RuntimeError):
     """Training cannot continue; the message says why and what to change."""
@@ -145,6 +148,7 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         self.history: list[dict[str, float]] = []
         self.skipped_steps = 0
+        self._collapse_warned = False
         self.epoch = 0  # epochs completed
         self.step_in_epoch = 0  # steps completed in the current (unfinished) epoch
         self.global_step = 0
@@ -334,6 +338,7 @@ class Trainer:
             "lr": self.optimizers[0].param_groups[0]["lr"], "lr_proxy": self.optimizers[1].param_groups[0]["lr"],
             "epoch_seconds": elapsed, "images_per_second": n_images / max(elapsed, 1e-9),
             "skipped_steps": self.skipped_steps, "peak_memory_mb": _peak_memory_mb(self.device),
+            **self.model.proxies.geometry(),
         }
 
     def _end_epoch(self, row: dict[str, float]) -> dict[str, float]:
@@ -363,9 +368,24 @@ class Trainer:
         if self.dist.is_main:
             self._write_log(row)
         self.echo(f"epoch {epoch}/{cfg.train.epochs}  loss {row['loss']:.4f}  {row['epoch_seconds']:.1f}s  "
-                  f"{row['images_per_second']:.1f} img/s" + (f"  | {format_metrics(metrics)}" if metrics else ""))
+                  f"{row['images_per_second']:.1f} img/s  proxy cos {row['proxy_cos']:.2f}"
+                  + (f"  | {format_metrics(metrics)}" if metrics else ""))
+        self._warn_collapse(row)
         self.save_state()
         return metrics
+
+    def _warn_collapse(self, row: dict[str, float]) -> None:
+        """Warn once when the proxies (or the container rows) have collapsed onto one direction."""
+        worst = max(row["proxy_cos"], row.get("container_cos", 0.0))
+        if worst < COLLAPSE_COS or self._collapse_warned:
+            return
+        self._collapse_warned = True
+        log.warning(
+            "proxy collapse: mean cosine between class proxies %.2f, between container rows %s (healthy: near 0). "
+            "The loss can then fall without separating classes. Try a larger model.proxy.proxy_bias_ratio "
+            "(less container in the proxies) or model.proxy.bias_init_std (slower-moving proxy bias); see "
+            "docs/method.md.", row["proxy_cos"],
+            f"{row['container_cos']:.2f}" if "container_cos" in row else "n/a")
 
     # ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

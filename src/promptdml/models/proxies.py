@@ -108,6 +108,28 @@ class SemanticProxies(nn.Module):
         return ProxyOutput(proxies, batch, classes, h.detach())
 
     @torch.no_grad()
+    def geometry(self, max_rows: int = 2048) -> dict[str, float]:
+        """Mean pairwise cosine between the current proxies (``proxy_cos``) and, with the container, between its
+        rows (``container_cos``), over at most ``max_rows`` evenly spaced classes.
+
+        Healthy proxies are spread out (values near 0). Values near 1 mean a collapse: every class's proxy
+        points the same way, so the loss can be lowered by moving all proxies away from all embeddings at once
+        instead of separating classes (see docs/method.md, "proxy collapse")."""
+        idx = torch.linspace(0, self.num_classes - 1, min(self.num_classes, max_rows)).round().long()
+        idx = idx.to(self.bias.device)
+
+        def mean_cos(rows: torch.Tensor) -> float:
+            u = F.normalize(rows.float(), dim=-1)
+            n = u.shape[0]
+            return float(((u @ u.t()).sum() - n) / max(n * (n - 1), 1))
+
+        bias = self.bias.index_select(0, idx)
+        if not self.semantic:
+            return {"proxy_cos": mean_cos(bias)}
+        rows = self.container.index_select(0, idx)
+        return {"proxy_cos": mean_cos(self.ratio * bias + (1 - self.ratio) * rows), "container_cos": mean_cos(rows)}
+
+    @torch.no_grad()
     def write_rows(self, classes: torch.Tensor, rows: torch.Tensor) -> None:
         """Store updated rows (renormalised); called after a successful optimiser step."""
         self.container.index_copy_(0, classes, F.normalize(rows.float(), dim=-1).to(self.container.dtype))
