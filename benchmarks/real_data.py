@@ -147,7 +147,8 @@ def render_table(results: dict) -> str:
         f"{any_run.get('img_size', 84)} px, bf16 autocast on 2 CPU cores, `cub200_small` settings for every "
         f"method (SGD, lr 5e-3, lr_proxy 0.1, batch 64, k 2, {any_run.get('epochs', 15)} epochs); metrics of "
         "the last epoch on the test classes; mean ± std over seeds where several ran. Peak RSS is the "
-        "training process's (includes the backbone and data loading).\n\n"
+        "training process's (includes the backbone and data loading); `-` where a run shared its process with "
+        "earlier runs before the trainer reset the peak per run (the value then was the earlier runs' peak).\n\n"
         "Reference: the original research code with `cub200_small` settings on this split at 84 px reached "
         "R@1 0.854 / MAP@R 0.477 (seed 0, about 70 s/epoch).\n\n" + header + "\n" + "\n".join(rows) + "\n")
 

@@ -172,3 +172,23 @@ def test_proxy_geometry_logged_and_collapse_warned(tiny_weights, data_root, tmp_
     with caplog.at_level("WARNING", logger="promptdml"):
         trainer2.fit()
     assert caplog.text.count("proxy collapse") == 1
+
+
+def test_peak_memory_window_is_per_run():
+    import os
+
+    from promptdml.engine.trainer import _peak_memory_mb, reset_peak_memory
+
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("peak RSS window needs Linux /proc")
+    cpu = torch.device("cpu")
+    reset_peak_memory(cpu)
+    before = _peak_memory_mb(cpu)
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    grown = _peak_memory_mb(cpu)
+    del block
+    reset_peak_memory(cpu)
+    after = _peak_memory_mb(cpu)
+    if after >= grown:
+        pytest.skip("peak RSS cannot be reset on this system")
+    assert grown >= before + 60 and after < grown - 30

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -50,8 +51,13 @@ from promptdml.models import PromptDMLModel, count_parameters, create_model, for
 
 log = logging.getLogger("promptdml")
 
-COLLAPSE_COS = 0.9
-"""Mean pairwise proxy (or container-row) cosine above which the trainer warns of a proxy collapse."""
+COLLAPSE_COS = 0.5
+"""Mean pairwise cosine between the class proxies above which the trainer warns of a proxy collapse (plain
+proxies stay near 0; a healthy VPTSP-G run on real data measured up to 0.31)."""
+CONTAINER_COLLAPSE_COS = 0.9
+"""Mean pairwise cosine between container rows above which the trainer warns when the container makes up at
+least ``CONTAINER_SHARE`` of each proxy (``1 - proxy_bias_ratio``)."""
+CONTAINER_SHARE = 0.25
 
 
 class TrainingError(RuntimeError):
@@ -254,6 +260,7 @@ class Trainer:
     def fit(self, evaluate_before: bool | None = None) -> TrainResult:
         """Train the remaining epochs (all of them, or those left after a resume) and finish the run."""
         cfg = self.cfg
+        reset_peak_memory(self.device)  # this run's peak, even when several runs share one process
         counts = count_parameters(self.model)
         self.echo(format_parameter_report(self.model))
         if self.epoch == 0 and self.step_in_epoch == 0 and (
@@ -375,13 +382,15 @@ class Trainer:
         return metrics
 
     def _warn_collapse(self, row: dict[str, float]) -> None:
-        """Warn once when the proxies (or the container rows) have collapsed onto one direction."""
-        worst = max(row["proxy_cos"], row.get("container_cos", 0.0))
-        if worst < COLLAPSE_COS or self._collapse_warned:
+        """Warn once when the proxies, or a container that is a large part of them, collapse onto one direction."""
+        share = 1.0 - self.model.proxies.ratio
+        collapsed = row["proxy_cos"] >= COLLAPSE_COS or (
+            row.get("container_cos", 0.0) >= CONTAINER_COLLAPSE_COS and share >= CONTAINER_SHARE)
+        if not collapsed or self._collapse_warned:
             return
         self._collapse_warned = True
         log.warning(
-            "proxy collapse: mean cosine between class proxies %.2f, between container rows %s (healthy: near 0). "
+            "proxy collapse: mean cosine between class proxies %.2f, between container rows %s (healthy: well below 0.5). "
             "The loss can then fall without separating classes. Try a larger model.proxy.proxy_bias_ratio "
             "(less container in the proxies) or model.proxy.bias_init_std (slower-moving proxy bias); see "
             "docs/method.md.", row["proxy_cos"],
@@ -495,12 +504,34 @@ class _StopOnSignal:
             signal.signal(sig, handler)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window: CUDA's allocator peak, or on Linux the process's peak RSS (VmHWM, reset
+    through /proc/self/clear_refs) so that several runs in one process each report their own peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not permitted: the peak then covers the whole process
+        pass
+
+
 def _peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB since :func:`reset_peak_memory`: CUDA allocator peak, else peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # KiB
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
