@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from real_data import DEFAULT_WEIGHTS, build_dataset, fetch_sprites  # noqa: E402
+from real_data import DEFAULT_WEIGHTS, build_dataset, fetch_sprites, wesnoth_overrides  # noqa: E402
 from report import update_section  # noqa: E402
 
 SETTINGS = {
@@ -52,12 +52,7 @@ def run(config: str, extra: dict, data: Path, weights: Path, steps: int, every: 
     from promptdml.config import load_config
     from promptdml.engine import Trainer
 
-    overrides = {
-        "data.dataset": "folder", "data.root": str(data), "data.train_ratio": 0.5, "data.num_workers": 1,
-        "model.backbone.name": "vit_small_patch14_dinov2.lvd142m", "model.backbone.weights": str(weights),
-        "model.backbone.img_size": 84, "train.seed": 0, "train.output_dir": str(out), "train.run_name": "collapse",
-        "train.progress": False, "train.tensorboard": False, **extra,
-    }
+    overrides = {**wesnoth_overrides(data, weights, 84, out, "collapse"), "train.seed": 0, **extra}
     trainer = Trainer(load_config(resolve_config_path(config), overrides), echo=lambda s: None)
     trainer.loader.batch_sampler.set_epoch(0)
     trainer.model.train()

@@ -87,19 +87,24 @@ def build_dataset(units: Path, out: Path, min_images: int = 5) -> Path:
     return out
 
 
+def wesnoth_overrides(data: Path, weights: Path, img_size: int, out: Path, run_name: str) -> dict:
+    """Config overrides shared by every run on the Wesnoth split (data, DINOv2 backbone, output)."""
+    return {
+        "data.dataset": "folder", "data.root": str(data), "data.train_ratio": 0.5, "data.num_workers": 1,
+        "model.backbone.name": "vit_small_patch14_dinov2.lvd142m", "model.backbone.weights": str(weights),
+        "model.backbone.img_size": img_size, "train.output_dir": str(out), "train.run_name": run_name,
+        "train.progress": False, "train.tensorboard": False,
+    }
+
+
 def run_one(method: str, seed: int, data: Path, weights: Path, epochs: int, img_size: int, out: Path) -> dict:
     from promptdml.cli import resolve_config_path
     from promptdml.config import load_config
     from promptdml.engine import Trainer
     from promptdml.models import count_parameters
 
-    overrides = {
-        "data.dataset": "folder", "data.root": str(data), "data.train_ratio": 0.5, "data.num_workers": 1,
-        "model.backbone.name": "vit_small_patch14_dinov2.lvd142m", "model.backbone.weights": str(weights),
-        "model.backbone.img_size": img_size, "train.epochs": epochs, "train.seed": seed, "eval.every": 0,
-        "train.output_dir": str(out), "train.run_name": f"{method}-seed{seed}", "train.progress": False,
-        "train.tensorboard": False,
-    }
+    overrides = wesnoth_overrides(data, weights, img_size, out, f"{method}-seed{seed}")
+    overrides.update({"train.epochs": epochs, "train.seed": seed, "eval.every": 0})
     cfg = load_config(resolve_config_path(CONFIG_OF[method]), overrides)
     trainer = Trainer(cfg, echo=lambda s: print(f"[{method} seed {seed}] {s}", flush=True))
     counts = count_parameters(trainer.model)
