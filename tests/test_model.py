@@ -64,8 +64,10 @@ def test_container_update_and_mixing(update):
             h = sp.gru(q[:, j], h)
     torch.testing.assert_close(out.new_rows, h.detach())
     H_graph = H0.clone()
-    H_graph[classes] = h
+    H_graph[classes] = h / h.norm(dim=-1, keepdim=True)  # the container's rows are unit vectors, also in P
     torch.testing.assert_close(out.proxies, lam * sp.bias + (1 - lam) * H_graph)
+    # P carries the graph of this step's rows: a gradient on P reaches the container update
+    assert out.proxies.requires_grad and out.proxies.grad_fn is not None
     torch.testing.assert_close(out.batch_proxies, F.normalize(lam * sp.bias[classes] + (1 - lam) * h, dim=-1))
     sp.write_rows(classes, out.new_rows)
     torch.testing.assert_close(sp.container[classes], F.normalize(h.detach(), dim=-1))

@@ -54,7 +54,7 @@ class SemanticProxies(nn.Module):
     """Proxy container ``H`` (buffer, unit rows), its update rule and the learnable proxy bias.
 
     ``P = lambda * P_bias + (1 - lambda) * H`` (with this batch's rows replaced by their updated, graph-
-    carrying values); with ``semantic=False`` the proxies are the learnable ``P_bias`` alone.
+    carrying values, renormalised like every row of ``H``); with ``semantic=False`` the proxies are the learnable ``P_bias`` alone.
     """
 
     def __init__(self, num_classes: int, dim: int, cfg: ProxyConfig) -> None:
@@ -102,7 +102,9 @@ class SemanticProxies(nn.Module):
         lam = self.ratio
         if not self.semantic:
             return ProxyOutput(self.bias, F.normalize(self.bias.index_select(0, classes), dim=-1), classes, None)
-        container = self.container.to(h.dtype).index_put((classes,), h)
+        # the container holds unit rows: this step's rows enter the proxies renormalised (with their graph), so the
+        # shared generator cannot grow one class-independent vector until it dominates every proxy
+        container = self.container.to(h.dtype).index_put((classes,), F.normalize(h, dim=-1))
         proxies = lam * self.bias + (1 - lam) * container
         batch = F.normalize(lam * self.bias.index_select(0, classes) + (1 - lam) * h, dim=-1)
         return ProxyOutput(proxies, batch, classes, h.detach())
