@@ -159,7 +159,9 @@ def test_proxy_geometry_logged_and_collapse_warned(tiny_weights, data_root, tmp_
         logged = list(csv.DictReader(f))[-1]
     assert float(logged["proxy_cos"]) == pytest.approx(row["proxy_cos"])
     assert float(logged["container_cos"]) == pytest.approx(row["container_cos"])
-    assert "proxy collapse" not in caplog.text
+    assert float(logged["embedding_cos"]) == pytest.approx(row["embedding_cos"])
+    assert -1.0 < row["embedding_cos"] <= 1.0
+    assert "proxy collapse" not in caplog.text  # (the tiny random backbone's embeddings are alike: no assertion)
     # collapse the container onto one direction: the next epoch warns (once)
     cfg2 = _cfg(tiny_weights, data_root, tmp_path / "b", **{"train.epochs": 2})
     trainer2 = Trainer(cfg2, echo=_quiet)
@@ -172,6 +174,22 @@ def test_proxy_geometry_logged_and_collapse_warned(tiny_weights, data_root, tmp_
     with caplog.at_level("WARNING", logger="promptdml"):
         trainer2.fit()
     assert caplog.text.count("proxy collapse") == 1
+
+
+def test_embedding_collapse_warned(tiny_weights, data_root, tmp_path, caplog):
+    # an embedding head that maps every image to the same vector: the batch embeddings' mean cosine is 1
+    cfg = _cfg(tiny_weights, data_root, tmp_path, **{"train.epochs": 2})
+    trainer = Trainer(cfg, echo=_quiet)
+    fc = trainer.model.embed_head.fc
+    with torch.no_grad():
+        fc.weight.zero_()
+        fc.bias.fill_(1.0)
+    fc.requires_grad_(False)
+    with caplog.at_level("WARNING", logger="promptdml"):
+        result = trainer.fit()
+    assert [r["embedding_cos"] for r in result.history] == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert caplog.text.count("embedding collapse (epoch 1)") == 1 and "embedding collapse (epoch 2)" not in caplog.text
+    assert "between a batch's embeddings 1.00" in caplog.text
 
 
 def test_peak_memory_window_is_per_run():

@@ -76,6 +76,20 @@ def test_container_update_and_mixing(update):
     assert "container" in dict(sp.named_buffers()) and "container" not in dict(sp.named_parameters())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_mean_pairwise_cosine_matches_pairwise_loop(dtype):
+    from promptdml.metrics import mean_pairwise_cosine
+
+    torch.manual_seed(5)
+    rows = torch.randn(7, 5) * torch.rand(7, 1) * 3  # rows of different norms: cosine ignores the norm
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-6
+    assert mean_pairwise_cosine(rows.to(dtype)) == pytest.approx(_mean_offdiag_cos(rows.double()), abs=tol)
+    assert mean_pairwise_cosine(torch.ones(4, 3) * torch.arange(1, 5.0)[:, None]) == pytest.approx(1.0)
+    assert mean_pairwise_cosine(torch.eye(6)) == pytest.approx(0.0, abs=1e-7)
+    assert mean_pairwise_cosine(torch.cat([torch.eye(3), -torch.eye(3)])) == pytest.approx(-1 / 5)
+    assert mean_pairwise_cosine(torch.randn(1, 4)) == 0.0
+
+
 def _mean_offdiag_cos(rows):
     n, total = rows.shape[0], 0.0
     for i in range(n):

@@ -47,6 +47,7 @@ from promptdml.engine.state import (
     set_rng_state,
 )
 from promptdml.losses import ProxyAnchorLoss
+from promptdml.metrics import mean_pairwise_cosine
 from promptdml.models import PromptDMLModel, count_parameters, create_model, format_parameter_report
 
 log = logging.getLogger("promptdml")
@@ -58,6 +59,11 @@ CONTAINER_COLLAPSE_COS = 0.9
 """Mean pairwise cosine between container rows above which the trainer warns when the container makes up at
 least ``CONTAINER_SHARE`` of each proxy (``1 - proxy_bias_ratio``)."""
 CONTAINER_SHARE = 0.25
+EMBEDDING_COLLAPSE_COS = 0.9
+"""Mean pairwise cosine between a training batch's embeddings (averaged over the epoch) above which the trainer
+warns of an embedding collapse: every image maps close to one point, so retrieval has little left to rank by (a
+collapsed VPTSP-G run on real data measured 0.99-1.00, diverged full fine-tuning 0.93, healthy runs 0.39-0.60;
+benchmarks/real_data.py, measured on training-class images)."""
 
 
 class TrainingError(RuntimeError):
@@ -154,7 +160,8 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         self.history: list[dict[str, float]] = []
         self.skipped_steps = 0
-        self._collapse_warned = False
+        self._collapse_warned: set[str] = set()  # kinds already warned about
+        self._embedding_cos: list[float] = []  # per step of the current epoch
         self.epoch = 0  # epochs completed
         self.step_in_epoch = 0  # steps completed in the current (unfinished) epoch
         self.global_step = 0
@@ -186,6 +193,7 @@ class Trainer:
         if ctx.enabled:  # the loss sees the global batch, computed identically on every rank
             embeddings = all_gather_cat(embeddings, ctx, "embeddings")
             labels = all_gather_cat(labels, ctx, "labels")
+        self._embedding_cos.append(mean_pairwise_cosine(embeddings))
         p = out.proxy
         if cfg.loss.proxy_range == "both_all":
             loss = self.loss_fn(embeddings, labels, p.proxies)
@@ -312,6 +320,7 @@ class Trainer:
         self.loader.batch_sampler.set_epoch(epoch - 1)
         self.model.train()
         t0, losses, n_images, consecutive_bad = time.time(), [], 0, 0
+        self._embedding_cos = []
         skip = self.step_in_epoch
         bar = tqdm(total=len(self.loader), initial=skip, desc=f"epoch {epoch}/{cfg.train.epochs}",
                    disable=not (cfg.train.progress and self.dist.is_main), leave=False)
@@ -346,6 +355,7 @@ class Trainer:
             "epoch_seconds": elapsed, "images_per_second": n_images / max(elapsed, 1e-9),
             "skipped_steps": self.skipped_steps, "peak_memory_mb": _peak_memory_mb(self.device),
             **self.model.proxies.geometry(),
+            "embedding_cos": sum(self._embedding_cos) / max(len(self._embedding_cos), 1),
         }
 
     def _end_epoch(self, row: dict[str, float]) -> dict[str, float]:
@@ -375,26 +385,33 @@ class Trainer:
         if self.dist.is_main:
             self._write_log(row)
         self.echo(f"epoch {epoch}/{cfg.train.epochs}  loss {row['loss']:.4f}  {row['epoch_seconds']:.1f}s  "
-                  f"{row['images_per_second']:.1f} img/s  proxy cos {row['proxy_cos']:.2f}"
+                  f"{row['images_per_second']:.1f} img/s  proxy cos {row['proxy_cos']:.2f}  emb cos {row['embedding_cos']:.2f}"
                   + (f"  | {format_metrics(metrics)}" if metrics else ""))
         self._warn_collapse(row)
         self.save_state()
         return metrics
 
     def _warn_collapse(self, row: dict[str, float]) -> None:
-        """Warn once when the proxies, or a container that is a large part of them, collapse onto one direction."""
+        """Warn (once per kind) when the proxies, a container that is a large part of them, or the embeddings
+        collapse onto one direction."""
         share = 1.0 - self.model.proxies.ratio
-        collapsed = row["proxy_cos"] >= COLLAPSE_COS or (
-            row.get("container_cos", 0.0) >= CONTAINER_COLLAPSE_COS and share >= CONTAINER_SHARE)
-        if not collapsed or self._collapse_warned:
-            return
-        self._collapse_warned = True
-        log.warning(
-            "proxy collapse: mean cosine between class proxies %.2f, between container rows %s (healthy: well below 0.5). "
-            "The loss can then fall without separating classes. Try a larger model.proxy.proxy_bias_ratio "
-            "(less container in the proxies) or model.proxy.bias_init_std (slower-moving proxy bias); see "
-            "docs/method.md.", row["proxy_cos"],
-            f"{row['container_cos']:.2f}" if "container_cos" in row else "n/a")
+        kinds = {
+            "proxy": row["proxy_cos"] >= COLLAPSE_COS or (
+                row.get("container_cos", 0.0) >= CONTAINER_COLLAPSE_COS and share >= CONTAINER_SHARE),
+            "embedding": row.get("embedding_cos", 0.0) >= EMBEDDING_COLLAPSE_COS,
+        }
+        for kind, collapsed in kinds.items():
+            if not collapsed or kind in self._collapse_warned:
+                continue
+            self._collapse_warned.add(kind)
+            log.warning(
+                "%s collapse (epoch %d): mean cosine between class proxies %.2f, between container rows %s, "
+                "between a batch's embeddings %.2f (healthy: proxies well below 0.5, embeddings below 0.9). The "
+                "loss can then fall without separating classes. Try a larger model.proxy.proxy_bias_ratio (less "
+                "container in the proxies), a larger model.proxy.bias_init_std (slower-moving proxy bias) or a "
+                "lower optim.lr; see docs/method.md, 'Proxy collapse'.", kind, int(row["epoch"]), row["proxy_cos"],
+                f"{row['container_cos']:.2f}" if "container_cos" in row else "n/a",
+                row.get("embedding_cos", float("nan")))
 
     # ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

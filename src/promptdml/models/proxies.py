@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from promptdml.config import ProxyConfig
+from promptdml.metrics.geometry import mean_pairwise_cosine
 
 
 class ProxyGRUCell(nn.Module):
@@ -120,16 +121,12 @@ class SemanticProxies(nn.Module):
         idx = torch.linspace(0, self.num_classes - 1, min(self.num_classes, max_rows)).round().long()
         idx = idx.to(self.bias.device)
 
-        def mean_cos(rows: torch.Tensor) -> float:
-            u = F.normalize(rows.float(), dim=-1)
-            n = u.shape[0]
-            return float(((u @ u.t()).sum() - n) / max(n * (n - 1), 1))
-
         bias = self.bias.index_select(0, idx)
         if not self.semantic:
-            return {"proxy_cos": mean_cos(bias)}
+            return {"proxy_cos": mean_pairwise_cosine(bias)}
         rows = self.container.index_select(0, idx)
-        return {"proxy_cos": mean_cos(self.ratio * bias + (1 - self.ratio) * rows), "container_cos": mean_cos(rows)}
+        return {"proxy_cos": mean_pairwise_cosine(self.ratio * bias + (1 - self.ratio) * rows),
+                "container_cos": mean_pairwise_cosine(rows)}
 
     @torch.no_grad()
     def write_rows(self, classes: torch.Tensor, rows: torch.Tensor) -> None:
