@@ -178,7 +178,7 @@ def test_proxy_geometry_logged_and_collapse_warned(tiny_weights, data_root, tmp_
 
 def test_embedding_collapse_warned(tiny_weights, data_root, tmp_path, caplog):
     # an embedding head that maps every image to the same vector: the batch embeddings' mean cosine is 1
-    cfg = _cfg(tiny_weights, data_root, tmp_path, **{"train.epochs": 2})
+    cfg = _cfg(tiny_weights, data_root, tmp_path, **{"train.epochs": 4})
     trainer = Trainer(cfg, echo=_quiet)
     fc = trainer.model.embed_head.fc
     with torch.no_grad():
@@ -187,8 +187,9 @@ def test_embedding_collapse_warned(tiny_weights, data_root, tmp_path, caplog):
     fc.requires_grad_(False)
     with caplog.at_level("WARNING", logger="promptdml"):
         result = trainer.fit()
-    assert [r["embedding_cos"] for r in result.history] == pytest.approx([1.0, 1.0], abs=1e-5)
-    assert caplog.text.count("embedding collapse (epoch 1)") == 1 and "embedding collapse (epoch 2)" not in caplog.text
+    assert [r["embedding_cos"] for r in result.history] == pytest.approx([1.0] * 4, abs=1e-5)
+    # embeddings huddle together early in every run: the warning waits for the third epoch, then fires once
+    assert caplog.text.count("embedding collapse (epoch 3)") == 1 and caplog.text.count("embedding collapse") == 1
     assert "between a batch's embeddings 1.00" in caplog.text
 
 
