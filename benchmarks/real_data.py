@@ -117,14 +117,17 @@ def run_one(method: str, seed: int, data: Path, weights: Path, epochs: int, img_
     summary = json.loads((result.run_dir / "metrics.json").read_text())
     return {"metrics": result.metrics, "trainable": counts["trainable"], "train_seconds": summary["train_seconds"],
             "seconds_per_epoch": summary["train_seconds"] / epochs, "peak_memory_mb": summary["peak_memory_mb"],
-            "epochs": epochs, "img_size": img_size, "loss_normalization": summary["loss_normalization"]}
+            "epochs": epochs, "img_size": img_size, "loss_normalization": summary["loss_normalization"],
+            "last_epoch": {k: v for k, v in result.history[-1].items()
+                           if k in ("loss", "proxy_cos", "container_cos", "embedding_cos")}}
 
 
 def render_table(results: dict) -> str:
     rows = []
     by_method: dict[str, list[dict]] = defaultdict(list)
     for key, r in results.items():
-        by_method[key.rsplit("/", 1)[0]].append(r)
+        method, seed = key.rsplit("/", 1)
+        by_method[method].append(r | {"seed": int(seed)})
     header = ("| method | seeds | R@1 | R@2 | R@4 | R@8 | MAP@R | trainable params | train time (s) | s/epoch "
               "| peak RSS (MiB) |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for method in METHODS:
@@ -144,6 +147,7 @@ def render_table(results: dict) -> str:
                     f"{cell('recall@4')} | {cell('recall@8')} | {cell('map@r')} | {runs[0]['trainable']:,} | "
                     f"{statistics.mean(r['train_seconds'] for r in runs):.0f} | "
                     f"{statistics.mean(r['seconds_per_epoch'] for r in runs):.1f} | {peak} |")
+    seeds_table = per_seed_table(by_method)
     any_run = next(iter(results.values()), {})
     return (
         "## Real images: Wesnoth unit sprites (`benchmarks/real_data.py`)\n\n"
@@ -155,7 +159,32 @@ def render_table(results: dict) -> str:
         "training process's (includes the backbone and data loading); `-` where a run shared its process with "
         "earlier runs before the trainer reset the peak per run (the value then was the earlier runs' peak).\n\n"
         "Reference: the original research code with `cub200_small` settings on this split at 84 px reached "
-        "R@1 0.854 / MAP@R 0.477 (seed 0, about 70 s/epoch).\n\n" + header + "\n" + "\n".join(rows) + "\n")
+        "R@1 0.854 / MAP@R 0.477 (seed 0, about 70 s/epoch).\n\n" + header + "\n" + "\n".join(rows) + "\n"
+        + seeds_table)
+
+
+def per_seed_table(by_method: dict[str, list[dict]]) -> str:
+    """Every seed of the methods run at several seeds, with the last epoch's training loss and geometry."""
+    rows = []
+    for method in METHODS:
+        runs = by_method.get(method, [])
+        if len(runs) < 2:
+            continue
+        for r in sorted(runs, key=lambda r: r["seed"]):
+            last = r.get("last_epoch", {})
+
+            def num(key: str, last=last) -> str:
+                return f"{last[key]:.3f}" if key in last else "-"
+
+            rows.append(f"| {LABELS[method]} | {r['seed']} | {r['metrics']['recall@1']:.3f} | "
+                        f"{r['metrics']['map@r']:.3f} | {num('loss')} | {num('proxy_cos')} | "
+                        f"{num('embedding_cos')} | {r['seconds_per_epoch']:.1f} |")
+    if not rows:
+        return ""
+    return ("\nPer seed (last epoch: training loss, mean pairwise cosine of the proxies and of a training batch's "
+            "embeddings; `-` = not logged by the code version of that run):\n\n"
+            "| method | seed | R@1 | MAP@R | loss | proxy cos | embedding cos | s/epoch |\n|---|---|---|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
 
 
 def main() -> int:
