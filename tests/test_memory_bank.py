@@ -24,6 +24,7 @@ def bare_trainer(cfg, model):
     t.optimizers = build_optimizers(model, cfg)
     t.scaler = make_grad_scaler(t.device, None)
     t.skipped_steps = 0
+    t._embedding_cos = []
     return t
 
 
