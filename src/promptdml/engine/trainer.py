@@ -197,7 +197,6 @@ class Trainer:
         if ctx.enabled:  # the loss sees the global batch, computed identically on every rank
             embeddings = all_gather_cat(embeddings, ctx, "embeddings")
             labels = all_gather_cat(labels, ctx, "labels")
-        self._embedding_cos.append(mean_pairwise_cosine(embeddings))
         p = out.proxy
         if cfg.loss.proxy_range == "both_all":
             loss = self.loss_fn(embeddings, labels, p.proxies)
@@ -225,7 +224,9 @@ class Trainer:
         self.scaler.update()
         model.step_rows(self.optimizers[0].param_groups[0]["lr"])  # memory-bank hook: class-prompt rows
         model.commit(out)
-        return loss.item()
+        value = loss.item()  # the step's one device sync; the geometry probe below comes after it
+        self._embedding_cos.append(mean_pairwise_cosine(embeddings))
+        return value
 
     def _sync_gradients(self) -> None:
         """Distributed: sum the dense gradients of the parameters used before the gather (each rank holds its
