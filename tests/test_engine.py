@@ -211,3 +211,59 @@ def test_peak_memory_window_is_per_run():
     if after >= grown:
         pytest.skip("peak RSS cannot be reset on this system")
     assert grown >= before + 60 and after < grown - 30
+
+
+def test_linear_warmup_scales_every_learning_rate_per_step(tiny_weights, data_root, tmp_path):
+    # 3 steps per epoch, warmup over the first epoch: steps 1-3 use 1/3, 2/3, 3/3 of the scheduled rate
+    cfg = _cfg(tiny_weights, data_root, tmp_path, **{"optim.optimizer": "sgd", "optim.warmup_epochs": 1.0})
+    trainer = Trainer(cfg, echo=_quiet)
+    seen: list[tuple[float, float, float]] = []
+    main, proxy = trainer.optimizers
+    step_rows = trainer.model.step_rows
+
+    def record_rows(lr):
+        seen.append((main.param_groups[0]["lr"], proxy.param_groups[0]["lr"], lr))
+        return step_rows(lr)
+
+    trainer.model.step_rows = record_rows
+    result = trainer.fit()
+    lr, lr_proxy = cfg.optim.lr, cfg.optim.lr_proxy
+    epoch2 = result.history[1]["lr"] / lr  # the cosine schedule's factor in epoch 2
+    factors = [1 / 3, 2 / 3, 1.0, epoch2, epoch2, epoch2]
+    assert [s[0] for s in seen] == pytest.approx([lr * f for f in factors])
+    assert [s[1] for s in seen] == pytest.approx([lr_proxy * f for f in factors])
+    assert [s[2] for s in seen] == pytest.approx([lr * f for f in factors])  # the class-prompt rows too
+    assert epoch2 < 1.0
+    # the scaling is per step only: the optimisers are left at the schedule's rate
+    assert main.param_groups[0]["lr"] == pytest.approx(trainer.schedulers[0].get_last_lr()[0])
+
+
+def test_warmup_longer_than_training_is_rejected(tiny_weights, data_root, tmp_path):
+    from promptdml.config import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.warmup_epochs"):
+        _cfg(tiny_weights, data_root, tmp_path, **{"optim.warmup_epochs": 3.0})
+
+
+def test_head_warmup_holds_the_backbone_parts_then_releases_them(tiny_weights, data_root, tmp_path):
+    # 3 steps per epoch; during the first epoch only heads, proxies and the proxy generator move
+    cfg = _cfg(tiny_weights, data_root, tmp_path, **{"optim.optimizer": "sgd", "optim.head_warmup_epochs": 1.0,
+                                                     "train.epochs": 2})
+    trainer = Trainer(cfg, echo=_quiet)
+    groups = trainer.model.trainable_groups()
+    assert {"shared_prompts", "bitfit", "embed_head", "proxy_bias", "class_prompts"} <= set(groups)
+
+    def snapshot():
+        return {g: [p.detach().clone() for _, p in ps] for g, ps in groups.items()}
+
+    def changed(a, b):
+        return {g for g in a if any(not torch.equal(x, y) for x, y in zip(a[g], b[g], strict=True))}
+
+    start = snapshot()
+    trainer.cfg.train.epochs = 1  # run the warm-up epoch alone, then continue in the same trainer
+    trainer.fit()
+    after_warmup = snapshot()
+    assert changed(start, after_warmup) == set(groups) - {"shared_prompts", "bitfit"}
+    trainer.cfg.train.epochs = 2
+    trainer.fit()
+    assert {"shared_prompts", "bitfit"} <= changed(after_warmup, snapshot())

@@ -164,6 +164,13 @@ class OptimConfig:
     lr_min: float = 1e-8
     grad_clip: float = 0.0
     """Clip the global gradient norm (0 = off)."""
+    head_warmup_epochs: float = 0.0
+    """For the first N epochs (fractions allowed) the backbone's trainable parts (shared prompts, BitFit biases,
+    adapters, LoRA, full fine-tuning) get no update; the heads, the proxies and the proxy generator train, so the
+    proxies settle before the features move (Proxy Anchor's warm-up epochs). 0 = off, as in the original method."""
+    warmup_epochs: float = 0.0
+    """Linear learning-rate warmup over the first N epochs (fractions allowed), step by step, for every parameter
+    group (0 = off, as in the original method)."""
 
 
 @dataclass
@@ -238,6 +245,12 @@ class Config:
             raise ConfigError("model.proxy.proxy_bias_ratio must be in [0, 1]")
         if not 0.0 <= self.model.proxy.mix_keep_ratio <= 1.0:
             raise ConfigError("model.proxy.mix_keep_ratio must be in [0, 1]")
+        if not 0.0 <= self.optim.head_warmup_epochs <= self.train.epochs:
+            raise ConfigError(f"optim.head_warmup_epochs must be in [0, train.epochs={self.train.epochs}], got "
+                              f"{self.optim.head_warmup_epochs}")
+        if not 0.0 <= self.optim.warmup_epochs <= self.train.epochs:
+            raise ConfigError(f"optim.warmup_epochs must be in [0, train.epochs={self.train.epochs}], got "
+                              f"{self.optim.warmup_epochs}")
         for name in ("num_prompt", "prompt_depth", "prompt_block_step", "num_p_prompt", "p_prompt_depth",
                      "prompt_p_block_step"):
             if getattr(self.model.prompts, name) < 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -65,8 +66,9 @@ EMBEDDING_COLLAPSE_COS = 0.9
 """Mean pairwise cosine between a training batch's embeddings (averaged over the epoch) above which the trainer
 warns of an embedding collapse, from epoch ``EMBEDDING_COLLAPSE_EPOCH`` on: every image still maps close to one
 point, so retrieval has little left to rank by. On the real-image benchmark the embeddings of every run huddle
-together in the first epoch (0.94-0.99); good runs spread out later (by epoch 3, or only at epochs 7-9), failed
-runs stayed at 0.96-0.97 for all 15 epochs and ended below the frozen features."""
+together in the first epoch (0.94-0.99) unless ``optim.head_warmup_epochs`` holds the backbone; good runs spread
+out later (by epoch 3, or only at epochs 7-9), failed runs stayed at 0.96-0.99 for all 15 epochs and ended below the
+frozen features."""
 EMBEDDING_COLLAPSE_EPOCH = 3
 
 
@@ -80,6 +82,11 @@ class TrainResult:
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     before: dict[str, float] | None = None
+
+
+BACKBONE_GROUPS = ("shared_prompts", "bitfit", "backbone_full", "adapter", "lora")
+"""Trainable groups that change the backbone's features on the embedding path (held fixed during
+``optim.head_warmup_epochs``)."""
 
 
 def build_optimizers(model: PromptDMLModel, cfg: Config) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
@@ -129,6 +136,7 @@ class Trainer:
     """
 
     dist: DistContext = SINGLE  # class default: a Trainer built without __init__ is single-process
+    global_step = 0  # (and starts at step 0)
     _stop_agreed = False
 
     def __init__(self, cfg: Config, splits: Splits | None = None, run_dir: Path | None = None,
@@ -211,6 +219,9 @@ class Trainer:
         self.scaler.scale(loss).backward()
         if ctx.enabled:
             self._sync_gradients()
+        if self.global_step < self._steps(cfg.optim.head_warmup_epochs):  # backbone parts wait (no step, no decay)
+            for param in self._backbone_params:
+                param.grad = None
         # >>> memory-bank hook: class-prompt gradients are not in a torch optimiser; unscale them here
         if self.scaler.is_enabled():
             model.unscale_row_grads_(1.0 / self.scaler.get_scale())
@@ -219,14 +230,44 @@ class Trainer:
             for opt in self.optimizers:
                 self.scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.gradient_tensors(), cfg.optim.grad_clip)  # memory-bank hook
-        for opt in self.optimizers:
-            self.scaler.step(opt)
-        self.scaler.update()
-        model.step_rows(self.optimizers[0].param_groups[0]["lr"])  # memory-bank hook: class-prompt rows
+        with self._warmup():
+            for opt in self.optimizers:
+                self.scaler.step(opt)
+            self.scaler.update()
+            model.step_rows(self.optimizers[0].param_groups[0]["lr"])  # memory-bank hook: class-prompt rows
         model.commit(out)
         value = loss.item()  # the step's one device sync; the geometry probe below comes after it
         self._embedding_cos.append(mean_pairwise_cosine(embeddings))
         return value
+
+    def _steps(self, epochs: float) -> int:
+        return round(epochs * len(self.loader)) if epochs > 0 else 0
+
+    @property
+    def _backbone_params(self) -> list[torch.nn.Parameter]:
+        """What ``optim.head_warmup_epochs`` holds fixed: the trainable parts inside the embedding path's backbone."""
+        groups = self.model.trainable_groups()
+        return [p for g in BACKBONE_GROUPS if g in groups for _, p in groups[g]]
+
+    @contextlib.contextmanager
+    def _warmup(self):
+        """During ``optim.warmup_epochs``, scale every group's scheduled learning rate by (step + 1) / warmup
+        steps for this step only (the per-epoch schedule itself is untouched)."""
+        steps = self._steps(self.cfg.optim.warmup_epochs)
+        if self.global_step >= steps:
+            yield
+            return
+        factor = (self.global_step + 1) / steps
+        scheduled = [[g["lr"] for g in opt.param_groups] for opt in self.optimizers]
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g["lr"] *= factor
+        try:
+            yield
+        finally:
+            for opt, lrs in zip(self.optimizers, scheduled, strict=True):
+                for g, lr in zip(opt.param_groups, lrs, strict=True):
+                    g["lr"] = lr
 
     def _sync_gradients(self) -> None:
         """Distributed: sum the dense gradients of the parameters used before the gather (each rank holds its
@@ -414,8 +455,8 @@ class Trainer:
                 "%s collapse (epoch %d): mean cosine between class proxies %.2f, between container rows %s, "
                 "between a batch's embeddings %.2f (plain proxies: below 0.2; spread-out embeddings: below 0.9). "
                 "Classes are not separating yet. Runs like this either recover later (watch the loss and "
-                "embedding_cos fall) or stay stuck; if it stays, try another seed, a larger "
-                "model.proxy.proxy_bias_ratio or a lower optim.lr (docs/method.md, 'Proxy collapse').",
+                "embedding_cos fall) or stay stuck; if it stays, train with optim.head_warmup_epochs=1 (the "
+                "backbone waits while the proxies settle) or try another seed (docs/method.md, 'Proxy collapse').",
                 kind, int(row["epoch"]), row["proxy_cos"],
                 f"{row['container_cos']:.2f}" if "container_cos" in row else "n/a",
                 row.get("embedding_cos", float("nan")))
