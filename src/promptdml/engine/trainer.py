@@ -84,11 +84,6 @@ class TrainResult:
     before: dict[str, float] | None = None
 
 
-BACKBONE_GROUPS = ("shared_prompts", "bitfit", "backbone_full", "adapter", "lora")
-"""Trainable groups that change the backbone's features on the embedding path (held fixed during
-``optim.head_warmup_epochs``)."""
-
-
 def build_optimizers(model: PromptDMLModel, cfg: Config) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """Two optimisers of the same type: everything trainable at ``lr``; the proxy bias at ``lr_proxy``."""
     o = cfg.optim
@@ -220,7 +215,7 @@ class Trainer:
         if ctx.enabled:
             self._sync_gradients()
         if self.global_step < self._steps(cfg.optim.head_warmup_epochs):  # backbone parts wait (no step, no decay)
-            for param in self._backbone_params:
+            for param in model.backbone_parameters():
                 param.grad = None
         # >>> memory-bank hook: class-prompt gradients are not in a torch optimiser; unscale them here
         if self.scaler.is_enabled():
@@ -242,12 +237,6 @@ class Trainer:
 
     def _steps(self, epochs: float) -> int:
         return round(epochs * len(self.loader)) if epochs > 0 else 0
-
-    @property
-    def _backbone_params(self) -> list[torch.nn.Parameter]:
-        """What ``optim.head_warmup_epochs`` holds fixed: the trainable parts inside the embedding path's backbone."""
-        groups = self.model.trainable_groups()
-        return [p for g in BACKBONE_GROUPS if g in groups for _, p in groups[g]]
 
     @contextlib.contextmanager
     def _warmup(self):

@@ -189,6 +189,14 @@ class PromptDMLModel(nn.Module):
             groups["class_prompts"].append(("class_prompts.table", self.class_prompts.table))
         return OrderedDict((g, ps) for g, ps in groups.items() if ps)
 
+    BACKBONE_GROUPS = ("shared_prompts", "bitfit", "backbone_full", "adapter", "lora")
+    """Trainable groups that change the backbone's features on the embedding path."""
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters of :attr:`BACKBONE_GROUPS` (what ``optim.head_warmup_epochs`` holds fixed)."""
+        groups = self.trainable_groups()
+        return [p for g in self.BACKBONE_GROUPS if g in groups for _, p in groups[g]]
+
     def trainable_state(self) -> OrderedDict[str, torch.Tensor]:
         """What a checkpoint stores: trainable parameters (including the memory bank's CPU table, under the
         same name as without the bank) and the proxy container."""
