@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from real_data import DEFAULT_WEIGHTS, build_dataset, fetch_sprites, wesnoth_overrides  # noqa: E402
+import dev_data  # noqa: E402
+from real_data import DEFAULT_WEIGHTS, wesnoth_overrides  # noqa: E402
 from report import update_section  # noqa: E402
 
 SETTINGS = {
@@ -106,7 +107,7 @@ def main() -> int:
     ap.add_argument("--cache", default=str(HERE / ".cache" / "wesnoth"))
     args = ap.parse_args()
     cache = Path(args.cache)
-    data = build_dataset(fetch_sprites(cache), cache / "dataset")
+    data = dev_data.build_wesnoth(cache)
     results = {}
     for name, (config, extra) in SETTINGS.items():
         print(f"=== {name}", flush=True)

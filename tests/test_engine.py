@@ -267,3 +267,62 @@ def test_head_warmup_holds_the_backbone_parts_then_releases_them(tiny_weights, d
     trainer.cfg.train.epochs = 2
     trainer.fit()
     assert {"shared_prompts", "bitfit"} <= changed(after_warmup, snapshot())
+
+
+def test_container_rows_are_kept_when_the_grad_scaler_skips_a_step(tiny_weights, data_root, tmp_path):
+    """fp16 loss scaling: an overflowing step is skipped by GradScaler; the container must not move either."""
+    trainer = Trainer(_cfg(tiny_weights, data_root, tmp_path, **{"train.epochs": 1}), echo=_quiet)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, enabled=True)
+    weight = trainer.model.embed_head.fc.weight
+    overflow = {"on": True}
+    weight.register_hook(lambda g: g * float("inf") if overflow["on"] else g)
+    images, labels, _ = next(iter(trainer.loader))
+    container = trainer.model.proxies.container.clone()
+    prompts = trainer.model.shared_prompts.params["0"].detach().clone()
+    trainer.train_step(images, labels)
+    assert trainer.skipped_steps == 1
+    assert torch.equal(container, trainer.model.proxies.container)  # rows not written after the skipped step
+    assert torch.equal(prompts, trainer.model.shared_prompts.params["0"])  # optimisers skipped too
+    overflow["on"] = False
+    trainer.train_step(images, labels)
+    assert trainer.skipped_steps == 1
+    assert not torch.equal(container, trainer.model.proxies.container)
+
+
+def test_plain_proxies_use_the_small_init_unless_kaiming_is_named():
+    from promptdml.config import ProxyConfig
+    from promptdml.models.proxies import SemanticProxies
+
+    torch.manual_seed(0)
+    small = SemanticProxies(1000, 384, ProxyConfig(semantic=False)).bias
+    # N(0, 0.01) rows: norm ~ 0.01 * sqrt(384) = 0.196
+    assert abs(small.norm(dim=1).mean().item() - 0.01 * 384 ** 0.5) < 0.01
+    kaiming = SemanticProxies(1000, 384, ProxyConfig(semantic=False, bias_init="kaiming")).bias
+    # kaiming_normal_ with fan_out on [C, E]: std sqrt(2 / C)
+    assert abs(kaiming.std().item() - (2 / 1000) ** 0.5) < 0.002
+
+
+def test_proxies_start_at_the_class_means_of_the_training_images(tiny_weights, data_root, tmp_path):
+    from promptdml.data import build_transforms
+    from promptdml.data.images import load_rgb
+
+    cfg = _cfg(tiny_weights, data_root, tmp_path, **{"model.proxy.bias_init": "class_mean",
+                                                       "model.proxy.container_init": "class_mean",
+                                                       "train.precision": "fp32"})
+    trainer = Trainer(cfg, echo=_quiet)
+    model, train = trainer.model, trainer.splits.train
+    transform = build_transforms(model.data_config, cfg.model.backbone.img_size, train=False)
+    model.eval()
+    with torch.no_grad():  # brute force, one image at a time
+        for c in (0, train.num_classes - 1):
+            idx = [i for i, y in enumerate(train.labels) if y == c]
+            images = torch.stack([transform(load_rgb(train.paths[i])) for i in idx])
+            labels = torch.full((len(idx),), c)
+            emb = model(images).mean(0)
+            q = model.proxy_features(images, labels).mean(0)
+            torch.testing.assert_close(model.proxies.bias[c], emb / emb.norm(), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(model.proxies.container[c], q / q.norm(), atol=1e-5, rtol=1e-4)
+    # the default init is untouched by the option's code path, and the run's random stream too
+    plain = Trainer(_cfg(tiny_weights, data_root, tmp_path / "p"), echo=_quiet)
+    assert plain.model.proxies.bias.norm(dim=1).mean() < 0.5
+    assert torch.equal(plain.model.shared_prompts.params["0"], model.shared_prompts.params["0"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from tqdm.auto import tqdm
 
@@ -23,11 +25,13 @@ from promptdml.models import PromptDMLModel
 @torch.no_grad()
 def embed_records(model: PromptDMLModel, records: ImageRecords, cfg: Config, device: torch.device,
                   dtype: torch.dtype | None, progress: bool = False, desc: str = "embed",
-                  frozen_features: bool = False, dist: DistContext = SINGLE) -> torch.Tensor:
+                  frozen_features: bool = False, dist: DistContext = SINGLE,
+                  forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """L2-normalised float32 embeddings ``[N, E]`` (on the CPU) in the order of ``records``.
 
     ``frozen_features=True`` embeds with the plain backbone feature instead (no prompts, no head): the
-    baseline a user gets from the pretrained ViT alone.
+    baseline a user gets from the pretrained ViT alone. ``forward(images, labels)`` replaces the model's
+    embedding path (e.g. ``model.proxy_features`` for the proxy branch); its output width must be E.
 
     Distributed (``dist``): rank r embeds the evaluation batches r, r+N, ... (the same batches as a single
     process, so the same numbers) and every rank returns the complete gathered ``[N, E]``.
@@ -44,10 +48,13 @@ def embed_records(model: PromptDMLModel, records: ImageRecords, cfg: Config, dev
     dim = model.backbone.feature_dim if frozen_features else cfg.model.embed_dim
     out = torch.empty(len(records), dim)
     mine: list[torch.Tensor] = []
-    for images, _, index in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for images, labels, index in tqdm(loader, desc=desc, disable=not progress, leave=False):
         images = images.to(device, non_blocking=True)
         with autocast(device, dtype):
-            emb = model.backbone(images) if frozen_features else model(images)
+            if forward is not None:
+                emb = forward(images, labels.to(device))
+            else:
+                emb = model.backbone(images) if frozen_features else model(images)
         out[index] = torch.nn.functional.normalize(emb.float(), dim=-1).cpu()
         mine.append(index)
     model.train(was_training)
@@ -58,6 +65,19 @@ def embed_records(model: PromptDMLModel, records: ImageRecords, cfg: Config, dev
         for idx, emb in parts:
             out[idx] = emb
     return out
+
+
+@torch.no_grad()
+def class_means(model: PromptDMLModel, records: ImageRecords, cfg: Config, device: torch.device,
+                dtype: torch.dtype | None, proxy_branch: bool = False, dist: DistContext = SINGLE,
+                progress: bool = False) -> torch.Tensor:
+    """``[C, E]`` mean of each class's L2-normalised embeddings (``proxy_branch``: proxy-branch features),
+    over the images of ``records`` with the evaluation transform."""
+    forward = model.proxy_features if proxy_branch else None
+    emb = embed_records(model, records, cfg, device, dtype, progress, "class means", dist=dist, forward=forward)
+    labels = torch.as_tensor(records.labels)
+    sums = torch.zeros(records.num_classes, emb.shape[1]).index_add_(0, labels, emb)
+    return sums / torch.bincount(labels, minlength=records.num_classes).clamp_min(1)[:, None]
 
 
 def evaluate(model: PromptDMLModel, splits: Splits, cfg: Config, device: torch.device, dtype: torch.dtype | None,

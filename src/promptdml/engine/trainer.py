@@ -36,7 +36,7 @@ from promptdml.engine.distributed import (
     check_replicas_equal,
     init_distributed,
 )
-from promptdml.engine.evaluator import evaluate
+from promptdml.engine.evaluator import class_means, evaluate
 from promptdml.engine.model_card import write_model_card
 from promptdml.engine.plots import plot_history
 from promptdml.engine.state import (
@@ -150,6 +150,8 @@ class Trainer:
         self.splits = splits if splits is not None else build_splits(cfg.data)
         train = self.splits.train
         self.model = create_model(cfg.model, train.num_classes).to(self.device)
+        if not resume:
+            self._init_proxies_from_data()
         self.loss_fn = ProxyAnchorLoss(cfg.loss.alpha, cfg.loss.delta, cfg.loss.normalization)
         self.optimizers = build_optimizers(self.model, cfg)
         self.schedulers = build_schedulers(self.optimizers, cfg)
@@ -181,6 +183,21 @@ class Trainer:
             self.load_state(load_resume_state(self.run_dir))
         if self.dist.enabled:
             check_replicas_equal(self.model.trainable_state(), self.dist, "initial trainable state")
+
+    def _init_proxies_from_data(self) -> None:
+        """``proxy.bias_init=class_mean`` / ``proxy.container_init=class_mean``: start each class's proxy bias
+        (container row) at the mean embedding (proxy-branch feature) of its training images."""
+        p = self.cfg.model.proxy
+        bias, rows = p.bias_init == "class_mean", p.semantic and p.container_init == "class_mean"
+        if not (bias or rows):
+            return
+        with torch.random.fork_rng(devices=[]):  # the data loader draws a seed: keep the run's random stream
+            args = (self.model, self.splits.train, self.cfg, self.device, self.dtype)
+            emb = class_means(*args, dist=self.dist) if bias else None
+            branch = class_means(*args, proxy_branch=True, dist=self.dist) if rows else None
+        self.model.proxies.init_from_class_means(emb, branch)
+        self.echo("proxies initialised from the class means of the training images ("
+                  + " and ".join(n for n, on in (("bias", bias), ("container", rows)) if on) + ")")
 
     # ---------------------------------------------------------------------------------------------
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -225,12 +242,18 @@ class Trainer:
             for opt in self.optimizers:
                 self.scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.gradient_tensors(), cfg.optim.grad_clip)  # memory-bank hook
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         with self._warmup():
             for opt in self.optimizers:
                 self.scaler.step(opt)
             self.scaler.update()
             model.step_rows(self.optimizers[0].param_groups[0]["lr"])  # memory-bank hook: class-prompt rows
-        model.commit(out)
+        if scale is not None and self.scaler.get_scale() < scale:  # the scaler found inf/NaN gradients
+            self.skipped_steps += 1
+            log.warning("fp16 gradients overflowed: step skipped, container rows kept (%d so far)",
+                        self.skipped_steps)
+        else:
+            model.commit(out)  # container rows are written only after a step that was taken
         value = loss.item()  # the step's one device sync; the geometry probe below comes after it
         self._embedding_cos.append(mean_pairwise_cosine(embeddings))
         return value

@@ -92,8 +92,7 @@ class PromptDMLModel(nn.Module):
             if not bool((grouped == classes[:, None]).all()) or classes.unique().numel() != classes.numel():
                 raise ValueError("the semantic proxy branch needs class-balanced batches: batch_size/k distinct "
                                  "classes with k contiguous images each (use ClassBalancedBatchSampler)")
-            feats = self.backbone(images, self.class_prompts(labels))
-            q = self.proxy_head(feats).view(classes.numel(), k, -1)
+            q = self.proxy_features(images, labels).view(classes.numel(), k, -1)
             if gather is None:
                 out = self.proxies(classes, q)
             else:
@@ -106,6 +105,11 @@ class PromptDMLModel(nn.Module):
         else:
             out = self.proxies((labels if gather is None else gather(labels)).unique(), None)
         return TrainOutput(emb, out)
+
+    def proxy_features(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """L2-normalised proxy-branch features ``q`` ``[B, E]``: the images with their class prompts, through the
+        proxy head (what the container update consumes)."""
+        return self.proxy_head(self.backbone(images, self.class_prompts(labels)))
 
     @torch.no_grad()
     def commit(self, out: TrainOutput) -> None:

@@ -64,10 +64,10 @@ class SemanticProxies(nn.Module):
         self.semantic = cfg.semantic
         self.ratio = cfg.proxy_bias_ratio if cfg.semantic else 1.0
         bias = torch.empty(num_classes, dim)
-        if cfg.semantic:
-            bias.normal_(0.0, cfg.bias_init_std)
-        else:
+        if cfg.bias_init == "kaiming":
             nn.init.kaiming_normal_(bias, mode="fan_out")
+        else:
+            bias.normal_(0.0, cfg.bias_init_std)
         self.bias = nn.Parameter(bias)
         if cfg.semantic:
             self.register_buffer("container", F.normalize(torch.randn(num_classes, dim), dim=-1))
@@ -127,6 +127,16 @@ class SemanticProxies(nn.Module):
         rows = self.container.index_select(0, idx)
         return {"proxy_cos": mean_pairwise_cosine(self.ratio * bias + (1 - self.ratio) * rows),
                 "container_cos": mean_pairwise_cosine(rows)}
+
+    @torch.no_grad()
+    def init_from_class_means(self, embedding_means: torch.Tensor | None, branch_means: torch.Tensor | None) -> None:
+        """Start every proxy at its class: ``P_bias`` rows from the classes' mean embeddings and the container
+        rows from their mean proxy-branch features (``[C, E]`` each, None = keep that part's init); rows are
+        L2-normalised."""
+        if embedding_means is not None:
+            self.bias.copy_(F.normalize(embedding_means.float(), dim=-1).to(self.bias))
+        if branch_means is not None and self.container is not None:
+            self.container.copy_(F.normalize(branch_means.float(), dim=-1).to(self.container))
 
     @torch.no_grad()
     def write_rows(self, classes: torch.Tensor, rows: torch.Tensor) -> None:
