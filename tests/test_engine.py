@@ -308,12 +308,17 @@ def test_proxies_start_at_the_class_means_of_the_training_images(tiny_weights, d
 
     cfg = _cfg(tiny_weights, data_root, tmp_path, **{"model.proxy.bias_init": "class_mean",
                                                        "model.proxy.container_init": "class_mean",
-                                                       "train.precision": "fp32"})
+                                                       "model.head_init": "centered", "train.precision": "fp32"})
     trainer = Trainer(cfg, echo=_quiet)
     model, train = trainer.model, trainer.splits.train
     transform = build_transforms(model.data_config, cfg.model.backbone.img_size, train=False)
     model.eval()
-    with torch.no_grad():  # brute force, one image at a time
+    with torch.no_grad():  # brute force
+        every = torch.stack([transform(load_rgb(p)) for p in train.paths])
+        all_labels = torch.as_tensor(train.labels)
+        for branch in ("embedding", "proxy"):  # centred heads: the training images' outputs average zero
+            z = model.head_outputs(every, all_labels, branch)
+            assert z.mean(0).abs().max() < 1e-4 * z.abs().mean()
         for c in (0, train.num_classes - 1):
             idx = [i for i, y in enumerate(train.labels) if y == c]
             images = torch.stack([transform(load_rgb(train.paths[i])) for i in idx])
@@ -326,3 +331,24 @@ def test_proxies_start_at_the_class_means_of_the_training_images(tiny_weights, d
     plain = Trainer(_cfg(tiny_weights, data_root, tmp_path / "p"), echo=_quiet)
     assert plain.model.proxies.bias.norm(dim=1).mean() < 0.5
     assert torch.equal(plain.model.shared_prompts.params["0"], model.shared_prompts.params["0"])
+
+
+def test_backbone_lr_scale_scales_only_the_backbone_side_steps(tiny_weights, data_root, tmp_path):
+    deltas = []
+    for scale in (1.0, 0.25):
+        t = Trainer(_cfg(tiny_weights, data_root, tmp_path / str(scale), **{
+            "optim.optimizer": "sgd", "optim.weight_decay": 0.0, "optim.backbone_lr_scale": scale,
+            "train.precision": "fp32"}), echo=_quiet)
+        m = t.model
+        tensors = {"prompt": m.shared_prompts.params["0"], "bitfit": m.backbone.vit.blocks[0].attn.qkv.bias,
+                   "head": m.embed_head.fc.weight, "gru": m.proxies.gru.x_proj.weight}
+        before = {k: v.detach().clone() for k, v in tensors.items()}
+        images, labels, _ = next(iter(t.loader))
+        t.train_step(images, labels)
+        deltas.append({k: (tensors[k].detach() - before[k]) for k in tensors})
+    full, scaled = deltas
+    for k in ("prompt", "bitfit"):  # first SGD step: the update is lr * grad, the gradient is the same
+        torch.testing.assert_close(scaled[k], 0.25 * full[k], rtol=1e-4, atol=1e-9)
+    for k in ("head", "gru"):
+        torch.testing.assert_close(scaled[k], full[k], rtol=1e-5, atol=1e-9)
+    assert full["prompt"].abs().max() > 0

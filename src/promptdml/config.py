@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -132,6 +133,11 @@ class ModelConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     embed_dim: int = 384
+    head_init: str = "xavier"
+    """xavier (Xavier-uniform weight, zero bias) | centered (the same weight; the bias is set once before
+    training so that the training images' mean embedding before L2 normalisation is zero: features of one
+    domain share a large common direction, which otherwise puts every embedding in a narrow cone). Applies
+    to the embedding head and to the proxy head."""
     bitfit: bool = True
     """Train every bias of the backbone."""
     full_finetune: bool = False
@@ -171,6 +177,9 @@ class OptimConfig:
     lr_min: float = 1e-8
     grad_clip: float = 0.0
     """Clip the global gradient norm (0 = off)."""
+    backbone_lr_scale: float = 1.0
+    """Learning rate of the backbone-side parameters (shared prompts, BitFit biases, adapters, LoRA, the full
+    backbone) as a multiple of optim.lr; heads, GRU and class prompts keep optim.lr."""
     head_warmup_epochs: float = 0.0
     """For the first N epochs (fractions allowed) the backbone's trainable parts (shared prompts, BitFit biases,
     adapters, LoRA, full fine-tuning) get no update; the heads, the proxies and the proxy generator train, so the
@@ -227,6 +236,7 @@ class Config:
         _choice("data.dataset", self.data.dataset,
                 ["demo", "folder", "csv", "cub200", "cars196", "online_products", "inshop", "inaturalist"])
         _choice("model.backbone.pool", self.model.backbone.pool, ["cls", "avg", "cls+avg"])
+        _choice("model.head_init", self.model.head_init, ["xavier", "centered"])
         _choice("model.proxy.container_update", self.model.proxy.container_update, ["gru_relu", "gru", "mix"])
         _choice("model.proxy.bias_init", self.model.proxy.bias_init, ["normal", "kaiming", "class_mean"])
         _choice("model.proxy.container_init", self.model.proxy.container_init, ["random", "class_mean"])
@@ -254,6 +264,8 @@ class Config:
             raise ConfigError("model.proxy.proxy_bias_ratio must be in [0, 1]")
         if not 0.0 <= self.model.proxy.mix_keep_ratio <= 1.0:
             raise ConfigError("model.proxy.mix_keep_ratio must be in [0, 1]")
+        if not (math.isfinite(self.optim.backbone_lr_scale) and self.optim.backbone_lr_scale > 0):
+            raise ConfigError(f"optim.backbone_lr_scale must be a positive number, got {self.optim.backbone_lr_scale}")
         if not 0.0 <= self.optim.head_warmup_epochs <= self.train.epochs:
             raise ConfigError(f"optim.head_warmup_epochs must be in [0, train.epochs={self.train.epochs}], got "
                               f"{self.optim.head_warmup_epochs}")

@@ -26,12 +26,14 @@ from promptdml.models import PromptDMLModel
 def embed_records(model: PromptDMLModel, records: ImageRecords, cfg: Config, device: torch.device,
                   dtype: torch.dtype | None, progress: bool = False, desc: str = "embed",
                   frozen_features: bool = False, dist: DistContext = SINGLE,
-                  forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                  forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                  normalize: bool = True) -> torch.Tensor:
     """L2-normalised float32 embeddings ``[N, E]`` (on the CPU) in the order of ``records``.
 
     ``frozen_features=True`` embeds with the plain backbone feature instead (no prompts, no head): the
     baseline a user gets from the pretrained ViT alone. ``forward(images, labels)`` replaces the model's
-    embedding path (e.g. ``model.proxy_features`` for the proxy branch); its output width must be E.
+    embedding path (e.g. ``model.head_outputs``); its output width must be E. ``normalize=False`` keeps the
+    rows as computed.
 
     Distributed (``dist``): rank r embeds the evaluation batches r, r+N, ... (the same batches as a single
     process, so the same numbers) and every rank returns the complete gathered ``[N, E]``.
@@ -55,7 +57,8 @@ def embed_records(model: PromptDMLModel, records: ImageRecords, cfg: Config, dev
                 emb = forward(images, labels.to(device))
             else:
                 emb = model.backbone(images) if frozen_features else model(images)
-        out[index] = torch.nn.functional.normalize(emb.float(), dim=-1).cpu()
+        emb = emb.float()
+        out[index] = (torch.nn.functional.normalize(emb, dim=-1) if normalize else emb).cpu()
         mine.append(index)
     model.train(was_training)
     if dist.enabled:
@@ -67,17 +70,10 @@ def embed_records(model: PromptDMLModel, records: ImageRecords, cfg: Config, dev
     return out
 
 
-@torch.no_grad()
-def class_means(model: PromptDMLModel, records: ImageRecords, cfg: Config, device: torch.device,
-                dtype: torch.dtype | None, proxy_branch: bool = False, dist: DistContext = SINGLE,
-                progress: bool = False) -> torch.Tensor:
-    """``[C, E]`` mean of each class's L2-normalised embeddings (``proxy_branch``: proxy-branch features),
-    over the images of ``records`` with the evaluation transform."""
-    forward = model.proxy_features if proxy_branch else None
-    emb = embed_records(model, records, cfg, device, dtype, progress, "class means", dist=dist, forward=forward)
-    labels = torch.as_tensor(records.labels)
-    sums = torch.zeros(records.num_classes, emb.shape[1]).index_add_(0, labels, emb)
-    return sums / torch.bincount(labels, minlength=records.num_classes).clamp_min(1)[:, None]
+def class_means(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[C, E]`` mean of each class's rows of ``embeddings`` (zero rows for classes without any)."""
+    sums = torch.zeros(num_classes, embeddings.shape[1]).index_add_(0, labels, embeddings.float())
+    return sums / torch.bincount(labels, minlength=num_classes).clamp_min(1)[:, None]
 
 
 def evaluate(model: PromptDMLModel, splits: Splits, cfg: Config, device: torch.device, dtype: torch.dtype | None,

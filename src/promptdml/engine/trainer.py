@@ -36,7 +36,7 @@ from promptdml.engine.distributed import (
     check_replicas_equal,
     init_distributed,
 )
-from promptdml.engine.evaluator import class_means, evaluate
+from promptdml.engine.evaluator import class_means, embed_records, evaluate
 from promptdml.engine.model_card import write_model_card
 from promptdml.engine.plots import plot_history
 from promptdml.engine.state import (
@@ -89,17 +89,22 @@ def build_optimizers(model: PromptDMLModel, cfg: Config) -> tuple[torch.optim.Op
     o = cfg.optim
     # >>> memory-bank hook: the class-prompt table is stepped by the model's row-wise optimiser of the same
     # type (lazy semantics, models/memory_bank.py), not by these torch optimisers.
-    main = [p for g, ps in model.trainable_groups().items() if g not in ("proxy_bias", "class_prompts")
-            for _, p in ps]
+    groups = model.trainable_groups()
+    main = [p for g, ps in groups.items() if g not in ("proxy_bias", "class_prompts") for _, p in ps]
     model.configure_row_optimizer(o.optimizer, momentum=o.momentum, weight_decay=o.weight_decay)
     # <<< memory-bank hook
     proxy = [model.proxies.bias]
 
-    def make(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    def make(params: list, lr: float) -> torch.optim.Optimizer:
         if o.optimizer == "sgd":
             return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
         return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay)
 
+    if o.backbone_lr_scale != 1.0:  # group 0 keeps lr (heads, GRU; the class-prompt rows read it), group 1 scaled
+        backbone = {id(p) for p in model.backbone_parameters()}
+        main = [{"params": [p for p in main if id(p) not in backbone]},
+                {"params": [p for p in main if id(p) in backbone], "lr": o.lr * o.backbone_lr_scale}]
+        main = [g for g in main if g["params"]]
     return make(main, o.lr), make(proxy, o.lr_proxy)
 
 
@@ -151,7 +156,7 @@ class Trainer:
         train = self.splits.train
         self.model = create_model(cfg.model, train.num_classes).to(self.device)
         if not resume:
-            self._init_proxies_from_data()
+            self._init_from_data()
         self.loss_fn = ProxyAnchorLoss(cfg.loss.alpha, cfg.loss.delta, cfg.loss.normalization)
         self.optimizers = build_optimizers(self.model, cfg)
         self.schedulers = build_schedulers(self.optimizers, cfg)
@@ -184,20 +189,36 @@ class Trainer:
         if self.dist.enabled:
             check_replicas_equal(self.model.trainable_state(), self.dist, "initial trainable state")
 
-    def _init_proxies_from_data(self) -> None:
-        """``proxy.bias_init=class_mean`` / ``proxy.container_init=class_mean``: start each class's proxy bias
-        (container row) at the mean embedding (proxy-branch feature) of its training images."""
-        p = self.cfg.model.proxy
-        bias, rows = p.bias_init == "class_mean", p.semantic and p.container_init == "class_mean"
-        if not (bias or rows):
-            return
-        with torch.random.fork_rng(devices=[]):  # the data loader draws a seed: keep the run's random stream
-            args = (self.model, self.splits.train, self.cfg, self.device, self.dtype)
-            emb = class_means(*args, dist=self.dist) if bias else None
-            branch = class_means(*args, proxy_branch=True, dist=self.dist) if rows else None
-        self.model.proxies.init_from_class_means(emb, branch)
-        self.echo("proxies initialised from the class means of the training images ("
-                  + " and ".join(n for n, on in (("bias", bias), ("container", rows)) if on) + ")")
+    def _init_from_data(self) -> None:
+        """Data-dependent initialisation before the first step, from one pass of the initial model over the
+        training images per branch: ``model.head_init=centered`` shifts a head's bias so that its outputs
+        average zero; ``proxy.bias_init=class_mean`` (``proxy.container_init=class_mean``) starts each class's
+        proxy bias (container row) at the class's mean embedding (proxy-branch feature)."""
+        m, p = self.cfg.model, self.cfg.model.proxy
+        center = m.head_init == "centered"
+        todo = {"embedding": (self.model.embed_head, p.bias_init == "class_mean"),
+                "proxy": (getattr(self.model, "proxy_head", None), p.semantic and p.container_init == "class_mean")}
+        means: dict[str, torch.Tensor] = {}
+        train = self.splits.train
+        labels = torch.as_tensor(train.labels)
+        for branch, (head, wants_means) in todo.items():
+            if head is None or not (center or wants_means):
+                continue
+            with torch.random.fork_rng(devices=[]):  # the data loader draws a seed: keep the run's random stream
+                z = embed_records(self.model, train, self.cfg, self.device, self.dtype, desc=f"init {branch}",
+                                  dist=self.dist, normalize=False,
+                                  forward=lambda x, y, b=branch: self.model.head_outputs(x, y, b))
+            if center:
+                mean = z.mean(dim=0)
+                head.center_(mean)
+                z = z - mean
+            if wants_means:
+                means[branch] = class_means(torch.nn.functional.normalize(z, dim=-1), labels, train.num_classes)
+        if means:
+            self.model.proxies.init_from_class_means(means.get("embedding"), means.get("proxy"))
+        done = (["heads centred"] if center else []) + [f"{b} class means" for b in means]
+        if done:
+            self.echo("initialised from the training images: " + ", ".join(done))
 
     # ---------------------------------------------------------------------------------------------
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:

@@ -18,4 +18,13 @@ class EmbeddingHead(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.fc(self.norm(x)).float(), dim=-1)
+        return F.normalize(self.unnormalized(x).float(), dim=-1)
+
+    def unnormalized(self, x: torch.Tensor) -> torch.Tensor:
+        """``Linear(LayerNorm(x))``: the embedding before L2 normalisation."""
+        return self.fc(self.norm(x))
+
+    @torch.no_grad()
+    def center_(self, mean: torch.Tensor) -> None:
+        """Shift the bias so that outputs whose mean was ``mean`` [E] (before normalisation) average zero."""
+        self.fc.bias.sub_(mean.to(self.fc.bias))
