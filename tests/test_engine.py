@@ -316,9 +316,12 @@ def test_proxies_start_at_the_class_means_of_the_training_images(tiny_weights, d
     with torch.no_grad():  # brute force
         every = torch.stack([transform(load_rgb(p)) for p in train.paths])
         all_labels = torch.as_tensor(train.labels)
-        for branch in ("embedding", "proxy"):  # centred heads: the training images' outputs average zero
-            z = model.head_outputs(every, all_labels, branch)
-            assert z.mean(0).abs().max() < 1e-4 * z.abs().mean()
+        for branch, head in (("embedding", model.embed_head), ("proxy", model.proxy_head)):
+            ln = model.head_inputs(every, all_labels, branch)  # centred heads: the Linear's input averages zero
+            assert ln.mean(0).abs().max() < 1e-4 * ln.abs().mean()
+            z = head.unnormalized(model.backbone(every, model.shared_prompts() if branch == "embedding" else
+                                                 model.class_prompts(all_labels)))
+            assert z.mean(0).abs().max() < 1e-4 * z.abs().mean()  # and so do the embeddings before L2
         for c in (0, train.num_classes - 1):
             idx = [i for i, y in enumerate(train.labels) if y == c]
             images = torch.stack([transform(load_rgb(train.paths[i])) for i in idx])

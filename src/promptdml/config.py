@@ -152,8 +152,14 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Proxy Anchor loss."""
+    """The proxy loss: Proxy Anchor (the paper's) or normalised softmax."""
 
+    name: str = "proxy_anchor"
+    """proxy_anchor (Kim et al. 2020, the paper's loss) | norm_softmax (cross-entropy over cosine similarities /
+    temperature, Zhai & Wu 2019: its value is largest when every embedding sits at one point, so it cannot
+    be lowered by collapsing, which Proxy Anchor can on data with many similar classes)"""
+    temperature: float = 0.05
+    """norm_softmax: softmax temperature."""
     alpha: float = 32.0
     delta: float = 0.1
     proxy_range: str = "both_all"
@@ -240,6 +246,9 @@ class Config:
         _choice("model.proxy.container_update", self.model.proxy.container_update, ["gru_relu", "gru", "mix"])
         _choice("model.proxy.bias_init", self.model.proxy.bias_init, ["normal", "kaiming", "class_mean"])
         _choice("model.proxy.container_init", self.model.proxy.container_init, ["random", "class_mean"])
+        _choice("loss.name", self.loss.name, ["proxy_anchor", "norm_softmax"])
+        if not (math.isfinite(self.loss.temperature) and self.loss.temperature > 0):
+            raise ConfigError(f"loss.temperature must be a positive number, got {self.loss.temperature}")
         _choice("loss.proxy_range", self.loss.proxy_range, ["both_all", "in_batch"])
         _choice("loss.normalization", self.loss.normalization, ["standard", "authors"])
         _choice("optim.optimizer", self.optim.optimizer, ["sgd", "adamw"])

@@ -32,8 +32,8 @@ def embed_records(model: PromptDMLModel, records: ImageRecords, cfg: Config, dev
 
     ``frozen_features=True`` embeds with the plain backbone feature instead (no prompts, no head): the
     baseline a user gets from the pretrained ViT alone. ``forward(images, labels)`` replaces the model's
-    embedding path (e.g. ``model.head_outputs``); its output width must be E. ``normalize=False`` keeps the
-    rows as computed.
+    embedding path (e.g. ``model.head_inputs``), its output width read from the first batch.
+    ``normalize=False`` keeps the rows as computed.
 
     Distributed (``dist``): rank r embeds the evaluation batches r, r+N, ... (the same batches as a single
     process, so the same numbers) and every rank returns the complete gathered ``[N, E]``.
@@ -48,7 +48,7 @@ def embed_records(model: PromptDMLModel, records: ImageRecords, cfg: Config, dev
     was_training = model.training
     model.eval()
     dim = model.backbone.feature_dim if frozen_features else cfg.model.embed_dim
-    out = torch.empty(len(records), dim)
+    out: torch.Tensor | None = None if forward is not None else torch.empty(len(records), dim)
     mine: list[torch.Tensor] = []
     for images, labels, index in tqdm(loader, desc=desc, disable=not progress, leave=False):
         images = images.to(device, non_blocking=True)
@@ -58,9 +58,13 @@ def embed_records(model: PromptDMLModel, records: ImageRecords, cfg: Config, dev
             else:
                 emb = model.backbone(images) if frozen_features else model(images)
         emb = emb.float()
+        if out is None:
+            out = torch.empty(len(records), emb.shape[1])
         out[index] = (torch.nn.functional.normalize(emb, dim=-1) if normalize else emb).cpu()
         mine.append(index)
     model.train(was_training)
+    if out is None:  # this rank had no batch (distributed): the width of a head input
+        out = torch.empty(len(records), model.backbone.feature_dim)
     if dist.enabled:
         index = torch.cat(mine) if mine else torch.empty(0, dtype=torch.int64)
         parts = zip(all_gather_varlen(index, dist, "eval/index"), all_gather_varlen(out[index], dist, "eval/emb"),

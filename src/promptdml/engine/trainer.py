@@ -47,7 +47,7 @@ from promptdml.engine.state import (
     rng_state,
     set_rng_state,
 )
-from promptdml.losses import ProxyAnchorLoss
+from promptdml.losses import build_loss
 from promptdml.metrics import mean_pairwise_cosine
 from promptdml.models import PromptDMLModel, count_parameters, create_model, format_parameter_report
 
@@ -157,7 +157,7 @@ class Trainer:
         self.model = create_model(cfg.model, train.num_classes).to(self.device)
         if not resume:
             self._init_from_data()
-        self.loss_fn = ProxyAnchorLoss(cfg.loss.alpha, cfg.loss.delta, cfg.loss.normalization)
+        self.loss_fn = build_loss(cfg.loss)
         self.optimizers = build_optimizers(self.model, cfg)
         self.schedulers = build_schedulers(self.optimizers, cfg)
         self.scaler = make_grad_scaler(self.device, self.dtype)
@@ -191,9 +191,10 @@ class Trainer:
 
     def _init_from_data(self) -> None:
         """Data-dependent initialisation before the first step, from one pass of the initial model over the
-        training images per branch: ``model.head_init=centered`` shifts a head's bias so that its outputs
-        average zero; ``proxy.bias_init=class_mean`` (``proxy.container_init=class_mean``) starts each class's
-        proxy bias (container row) at the class's mean embedding (proxy-branch feature)."""
+        training images per branch: ``model.head_init=centered`` shifts a head's LayerNorm bias so that the
+        normalised features (hence the embeddings before L2 normalisation) average zero;
+        ``proxy.bias_init=class_mean`` (``proxy.container_init=class_mean``) starts each class's proxy bias
+        (container row) at the class's mean embedding (proxy-branch feature)."""
         m, p = self.cfg.model, self.cfg.model.proxy
         center = m.head_init == "centered"
         todo = {"embedding": (self.model.embed_head, p.bias_init == "class_mean"),
@@ -205,14 +206,16 @@ class Trainer:
             if head is None or not (center or wants_means):
                 continue
             with torch.random.fork_rng(devices=[]):  # the data loader draws a seed: keep the run's random stream
-                z = embed_records(self.model, train, self.cfg, self.device, self.dtype, desc=f"init {branch}",
-                                  dist=self.dist, normalize=False,
-                                  forward=lambda x, y, b=branch: self.model.head_outputs(x, y, b))
+                feats = embed_records(self.model, train, self.cfg, self.device, self.dtype, desc=f"init {branch}",
+                                      dist=self.dist, normalize=False,
+                                      forward=lambda x, y, b=branch: self.model.head_inputs(x, y, b))
             if center:
-                mean = z.mean(dim=0)
+                mean = feats.mean(dim=0)
                 head.center_(mean)
-                z = z - mean
+                feats = feats - mean
             if wants_means:
+                z = torch.nn.functional.linear(feats, head.fc.weight.detach().float().cpu(),
+                                               head.fc.bias.detach().float().cpu())
                 means[branch] = class_means(torch.nn.functional.normalize(z, dim=-1), labels, train.num_classes)
         if means:
             self.model.proxies.init_from_class_means(means.get("embedding"), means.get("proxy"))

@@ -26,5 +26,9 @@ class EmbeddingHead(nn.Module):
 
     @torch.no_grad()
     def center_(self, mean: torch.Tensor) -> None:
-        """Shift the bias so that outputs whose mean was ``mean`` [E] (before normalisation) average zero."""
-        self.fc.bias.sub_(mean.to(self.fc.bias))
+        """Shift the LayerNorm's bias so that normalised features whose mean was ``mean`` [D] average zero.
+
+        Centring the Linear's *input* (not only its output) matters for training: with a large common
+        component mu in the normalised features, every SGD update of the weight moves all embeddings by the
+        same ``dW mu`` and they drift into one narrow cone within a few steps."""
+        self.norm.bias.sub_(mean.to(self.norm.bias))

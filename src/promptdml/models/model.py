@@ -111,12 +111,12 @@ class PromptDMLModel(nn.Module):
         proxy head (what the container update consumes)."""
         return self.proxy_head(self.backbone(images, self.class_prompts(labels)))
 
-    def head_outputs(self, images: torch.Tensor, labels: torch.Tensor, branch: str = "embedding") -> torch.Tensor:
-        """``[B, E]`` outputs of the embedding head (``branch='embedding'``) or of the proxy head on the class-
-        prompted pass (``'proxy'``) before L2 normalisation (for data-dependent initialisation)."""
+    def head_inputs(self, images: torch.Tensor, labels: torch.Tensor, branch: str = "embedding") -> torch.Tensor:
+        """``[B, D]`` LayerNorm outputs inside the embedding head (``branch='embedding'``) or the proxy head on
+        the class-prompted pass (``'proxy'``): what the head's Linear sees (for data-dependent init)."""
         if branch == "proxy":
-            return self.proxy_head.unnormalized(self.backbone(images, self.class_prompts(labels)))
-        return self.embed_head.unnormalized(self.backbone(images, self.shared_prompts()))
+            return self.proxy_head.norm(self.backbone(images, self.class_prompts(labels)))
+        return self.embed_head.norm(self.backbone(images, self.shared_prompts()))
 
     @torch.no_grad()
     def commit(self, out: TrainOutput) -> None:
