@@ -214,3 +214,24 @@ def test_weights_folder_lookup_and_pos_embed_resampling(tiny_weights):
     vit = create_backbone(BackboneConfig(name="vit_tiny_patch16_224", weights=folder, img_size=48, depth=2))
     assert vit.pos_embed.shape[1] == 1 + 9  # resampled from 2x2 to 3x3 patches
     assert not any(p.requires_grad for p in vit.parameters())
+
+
+def test_centered_head_ignores_shared_shifts_and_tracks_a_running_mean():
+    from promptdml.models.heads import EmbeddingHead
+
+    torch.manual_seed(0)
+    head = EmbeddingHead(16, 8, center=True, momentum=0.5).train()
+    h = torch.randn(6, 16)
+    shift = 3.0 * torch.randn(16)
+    a = head.centered(h)
+    torch.testing.assert_close(a, h - h.mean(0))
+    torch.testing.assert_close(head.running_mean, 0.5 * h.mean(0))
+    b = head.centered(h + shift)  # a shift shared by the batch is removed exactly
+    torch.testing.assert_close(a, b)
+    expected = 0.5 * (0.5 * h.mean(0)) + 0.5 * (h + shift).mean(0)
+    torch.testing.assert_close(head.running_mean, expected)
+    head.eval()
+    torch.testing.assert_close(head.centered(h), h - expected)
+    torch.testing.assert_close(head.running_mean, expected)  # eval does not update it
+    plain = EmbeddingHead(16, 8).train()
+    assert torch.equal(plain.centered(h), h) and not hasattr(plain, "running_mean")

@@ -138,6 +138,11 @@ class ModelConfig:
     training so that the training images' mean embedding before L2 normalisation is zero: features of one
     domain share a large common direction, which otherwise puts every embedding in a narrow cone). Applies
     to the embedding head and to the proxy head."""
+    center_features: bool = False
+    """Subtract the mean of each head's normalised features before its Linear: the batch mean in training
+    (tracked as a running mean, used at inference), like BatchNorm's mean. A shift shared by every image
+    (a BitFit bias, a shared prompt) then cannot move the embeddings, which otherwise drift into one narrow
+    cone within a few steps on data whose images all look alike. Stored in checkpoints."""
     bitfit: bool = True
     """Train every bias of the backbone."""
     full_finetune: bool = False

@@ -10,19 +10,37 @@ import torch.nn.functional as F
 class EmbeddingHead(nn.Module):
     """``LayerNorm(D) -> Linear(D, E) -> L2 normalise``."""
 
-    def __init__(self, in_dim: int, embed_dim: int) -> None:
+    def __init__(self, in_dim: int, embed_dim: int, center: bool = False, momentum: float = 0.1) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(in_dim)
         self.fc = nn.Linear(in_dim, embed_dim)
         nn.init.xavier_uniform_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
+        self.center = center
+        self.momentum = momentum
+        if center:
+            self.register_buffer("running_mean", torch.zeros(in_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.unnormalized(x).float(), dim=-1)
 
     def unnormalized(self, x: torch.Tensor) -> torch.Tensor:
-        """``Linear(LayerNorm(x))``: the embedding before L2 normalisation."""
-        return self.fc(self.norm(x))
+        """``Linear(LayerNorm(x))`` (with ``center``: minus the features' mean in between): the embedding
+        before L2 normalisation."""
+        return self.fc(self.centered(self.norm(x)))
+
+    def centered(self, h: torch.Tensor) -> torch.Tensor:
+        """``center``: in training subtract the batch mean (and track it), in eval the running mean, like
+        BatchNorm's mean without its variance. A shift shared by every image (a BitFit bias, a prompt) then
+        cannot move the embeddings, so they cannot drift into one narrow cone."""
+        if not self.center:
+            return h
+        if self.training and h.shape[0] > 1:
+            mean = h.mean(dim=0)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().float(), self.momentum)
+            return h - mean
+        return h - self.running_mean.to(h.dtype)
 
     @torch.no_grad()
     def center_(self, mean: torch.Tensor) -> None:

@@ -50,7 +50,7 @@ class PromptDMLModel(nn.Module):
         p = cfg.prompts
         self.shared_prompts = DeepPrompts(prompt_counts(p.num_prompt, p.prompt_depth, p.prompt_block_step, depth),
                                           width)
-        self.embed_head = EmbeddingHead(self.backbone.feature_dim, cfg.embed_dim)
+        self.embed_head = EmbeddingHead(self.backbone.feature_dim, cfg.embed_dim, cfg.center_features)
         self.full_finetune = cfg.full_finetune
         if cfg.full_finetune:
             vit.requires_grad_(True)
@@ -66,7 +66,7 @@ class PromptDMLModel(nn.Module):
         if self.semantic:
             counts = prompt_counts(p.num_p_prompt, p.p_prompt_depth, p.prompt_p_block_step, depth)
             self.class_prompts = ClassPrompts(num_classes, counts, width, memory_bank=self.memory_bank)
-            self.proxy_head = EmbeddingHead(self.backbone.feature_dim, cfg.embed_dim)
+            self.proxy_head = EmbeddingHead(self.backbone.feature_dim, cfg.embed_dim, cfg.center_features)
         self.proxies = SemanticProxies(num_classes, cfg.embed_dim, cfg.proxy)
 
     # ---------------------------------------------------------------------------------------------
@@ -216,6 +216,7 @@ class PromptDMLModel(nn.Module):
             state["class_prompts.table"] = self.class_prompts.table
         if self.semantic:
             state["proxies.container"] = self.proxies.container
+        state.update((n, b) for n, b in self.named_buffers() if n.endswith("head.running_mean"))
         return state
 
     def merge_into_backbone(self) -> int:
