@@ -135,6 +135,56 @@ def test_best_checkpoint_selected_on_validation_split_only(tiny_weights, data_ro
     assert summary["best"]["selected_by"] == "val_map@r" and summary["best"]["epoch"] == 2
 
 
+def test_training_without_the_test_split_validates_only(tiny_weights, data_root, tmp_path):
+    """Splits built with with_test=False (promptdml tune): nothing is evaluated on test, not even before
+    training, and the run directory reports the validation metrics."""
+    import json
+
+    from promptdml.data import build_splits
+
+    cfg = _cfg(tiny_weights, data_root, tmp_path, **{"data.val_ratio": 0.34, "train.epochs": 2,
+                                                      "eval.before_training": True})
+    splits = build_splits(cfg.data, with_test=False)
+    trainer = Trainer(cfg, splits=splits, echo=_quiet)
+    calls = []
+    real = trainer.evaluate
+
+    def spy(split="test", frozen_features=False):
+        calls.append(split)
+        return real(split, frozen_features)
+
+    trainer.evaluate = spy
+    result = trainer.fit()
+    assert calls == ["val", "val"]
+    assert result.metrics == {}
+    summary = json.loads((trainer.run_dir / "metrics.json").read_text())
+    assert summary["test"] == {} and summary["val"]["map@r"] == result.history[-1]["val_map@r"]
+    card = (trainer.run_dir / "README.md").read_text()
+    assert "Validation metrics" in card and "the test split was not built" in card and "| map@r |" in card
+
+
+def test_on_epoch_callback_sees_each_row_and_can_stop_training(tiny_weights, data_root, tmp_path):
+    cfg = _cfg(tiny_weights, data_root, tmp_path, **{"data.val_ratio": 0.34, "train.epochs": 3})
+    rows = []
+    Trainer(cfg, echo=_quiet).fit(on_epoch=rows.append)
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and all("val_map@r" in r for r in rows)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(row):
+        if row["epoch"] == 2:
+            raise Stop
+
+    trainer = Trainer(_cfg(tiny_weights, data_root, tmp_path / "b", **{"data.val_ratio": 0.34,
+                                                                         "train.epochs": 3}), echo=_quiet)
+    with pytest.raises(Stop):
+        trainer.fit(on_epoch=stop_after_two)
+    assert trainer.epoch == 2 and len(trainer.history) == 2
+    assert load_resume_state(trainer.run_dir)["epoch"] == 2  # the stopped epoch's state is saved
+    assert not (trainer.run_dir / "metrics.json").exists()
+
+
 def test_tensorboard_events_and_keep_n(tiny_weights, data_root, tmp_path):
     pytest.importorskip("tensorboard")
     cfg = _cfg(tiny_weights, data_root, tmp_path, **{"train.epochs": 3, "train.keep_checkpoints": 2})
