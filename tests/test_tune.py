@@ -183,6 +183,35 @@ def test_pruned_trials_and_too_few_for_importance(tiny_weights, data_root, tmp_p
     assert json.loads((out / "importance.json").read_text())["importance"] == {}
 
 
+def test_failing_trials_are_recorded_and_a_run_of_failures_stops_the_search(tiny_weights, data_root, tmp_path,
+                                                                              monkeypatch):
+    from promptdml.engine import trainer as T
+
+    def diverge(self, evaluate_before=None, on_epoch=None):
+        raise T.TrainingError("the loss was non-finite for 20 consecutive steps (epoch 1)")
+
+    monkeypatch.setattr(T.Trainer, "fit", diverge)
+    out = tmp_path / "t"
+    with pytest.raises(TuneError, match="3 trials in a row failed .*non-finite.*Narrow the search space"):
+        tune(_cfg(tiny_weights, data_root), parse_space(SPACE, load_config(None)), trials=5, out_dir=out,
+             echo=_quiet)
+    rows = _rows(out)
+    assert [r["state"] for r in rows] == ["FAIL"] * 3 and all("non-finite" in r["note"] for r in rows)
+
+
+def test_a_data_problem_stops_before_the_study_starts(tiny_weights, tmp_path):
+    from promptdml.data import DataError
+
+    root = make_folder(tmp_path / "few", {f"c{i}": 3 for i in range(8)})  # 4 training classes
+    cfg = _cfg(tiny_weights, root)
+    with pytest.raises(DataError, match="val_ratio=0.2 of 4 training classes"):
+        tune(cfg, parse_space(SPACE, cfg), trials=1, out_dir=tmp_path / "t", echo=_quiet)
+    # fixed with a larger validation share, the same folder works
+    cfg.data.val_ratio = 0.5
+    tune(cfg, parse_space(SPACE, cfg), trials=1, out_dir=tmp_path / "t", echo=_quiet)
+    assert [r["state"] for r in _rows(tmp_path / "t")] == ["COMPLETE"]
+
+
 def test_timeout_stops_starting_trials(tiny_weights, data_root, tmp_path, monkeypatch):
     clock = iter(range(0, 10**6, 100))  # every reading of the clock is 100 s later
     monkeypatch.setattr(tune_mod, "_clock", lambda: next(clock))

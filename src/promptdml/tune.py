@@ -460,6 +460,7 @@ def tune(cfg: Config, space: str | Path | Sequence[Param] | None = None, trials:
 
     ``pruner`` / ``sampler`` replace the median pruner and the seeded TPE sampler (tests)."""
     optuna = _require_optuna()
+    from promptdml.data import build_splits
     from promptdml.engine.trainer import TrainingError, TrainingInterrupted
 
     if trials < 1:
@@ -480,6 +481,11 @@ def tune(cfg: Config, space: str | Path | Sequence[Param] | None = None, trials:
     storage = f"sqlite:///{study_path.absolute()}"
 
     with _exclusive(out):
+        # the data keys cannot be searched (FIXED_KEYS): one split for every trial, built before the study so that
+        # a data problem stops here; the training and validation classes only, the test split is never built
+        splits = build_splits(base.data, with_test=False)
+        echo(f"data: {splits.train.num_classes} training classes ({len(splits.train)} images), validation split "
+             f"{splits.val.num_classes} classes ({len(splits.val)} images); the test split is not built")
         study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
                                     load_if_exists=True)
         _check_same_study(study, base, params, out)
@@ -504,9 +510,8 @@ def tune(cfg: Config, space: str | Path | Sequence[Param] | None = None, trials:
             echo(f"the study already has {done} completed or pruned trials (>= --trials {trials}); raise --trials "
                  f"to run more")
         deadline = _clock() + timeout if timeout else None
-        splits_cache: dict[tuple, Any] = {}
         failures = 0
-        interrupted: BaseException | None = None
+        interrupted: int | None = None
         while finished() < trials:
             if deadline is not None and _clock() >= deadline:
                 echo(f"--timeout {timeout:g} s reached: no new trial is started")
@@ -515,7 +520,7 @@ def tune(cfg: Config, space: str | Path | Sequence[Param] | None = None, trials:
             t0 = _clock()
             epochs_run = [0]
             try:
-                value = _run_trial(trial, params, base, out, splits_cache, epochs_run, echo, optuna)
+                value = _run_trial(trial, params, base, out, splits, epochs_run, echo, optuna)
                 _attrs(trial, epochs_run[0], t0)
                 study.tell(trial, value)
                 failures = 0
@@ -526,15 +531,10 @@ def tune(cfg: Config, space: str | Path | Sequence[Param] | None = None, trials:
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 failures = 0
                 echo(f"trial {trial.number}: pruned at {e}")
-            except TrainingInterrupted as e:
+            except (TrainingInterrupted, KeyboardInterrupt):  # Ctrl-C / SIGTERM: stop the search, resumable
                 _attrs(trial, epochs_run[0], t0, "interrupted")
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                interrupted = e
-                break
-            except KeyboardInterrupt as e:
-                _attrs(trial, epochs_run[0], t0, "interrupted")
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                interrupted = e
+                interrupted = trial.number
                 break
             except (TrainingError, ConfigError) as e:  # this trial's values do not train: record, carry on
                 _attrs(trial, epochs_run[0], t0, str(e).splitlines()[0][:300])
@@ -551,15 +551,14 @@ def tune(cfg: Config, space: str | Path | Sequence[Param] | None = None, trials:
                 raise
         result = _report(study, optuna, params, base, out, echo, trials)
     if interrupted is not None:
-        raise TuneInterrupted(f"interrupted during trial {len(study.trials) - 1}; the study is saved in "
+        raise TuneInterrupted(f"interrupted during trial {interrupted}; the study is saved in "
                               f"{study_path}. Rerun the same command to continue it.") from None
     return result
 
 
-def _run_trial(trial: Any, params: list[Param], base: Config, out: Path, splits_cache: dict[tuple, Any],
-               epochs_run: list[int], echo: Callable[[str], None], optuna: Any) -> float:
+def _run_trial(trial: Any, params: list[Param], base: Config, out: Path, splits: Any, epochs_run: list[int],
+               echo: Callable[[str], None], optuna: Any) -> float:
     """Train one trial's config on the training classes, validate every epoch; the last epoch's val MAP@R."""
-    from promptdml.data import build_splits
     from promptdml.engine.trainer import Trainer
 
     values = {p.key: p.suggest(trial) for p in params}
@@ -571,11 +570,6 @@ def _run_trial(trial: Any, params: list[Param], base: Config, out: Path, splits_
     cfg.validate()
     trial.set_user_attr("run_dir", str(Path(cfg.train.output_dir) / cfg.train.run_name))
     echo(f"trial {trial.number}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
-    d = cfg.data
-    data_key = (d.dataset, d.root, d.train_ratio, d.val_ratio, d.demo_classes, d.demo_images_per_class,
-                d.demo_image_size)
-    if data_key not in splits_cache:  # the training and validation classes only: the test split is never built
-        splits_cache[data_key] = build_splits(d, with_test=False)
 
     def trainer_echo(line: str) -> None:
         if line.startswith("epoch"):  # the per-epoch lines, not the parameter report of every trial
@@ -591,7 +585,7 @@ def _run_trial(trial: Any, params: list[Param], base: Config, out: Path, splits_
         if trial.should_prune():
             raise optuna.TrialPruned(f"epoch {int(row['epoch'])}: val {METRIC} {value:.4f}")
 
-    trainer = Trainer(cfg, splits=splits_cache[data_key], echo=trainer_echo)
+    trainer = Trainer(cfg, splits=splits, echo=trainer_echo)
     try:
         result = trainer.fit(evaluate_before=False, on_epoch=on_epoch)
     finally:
