@@ -392,6 +392,9 @@ def _plot(rows: list[dict[str, Any]], path: Path, echo: Callable[[str], None]) -
             xs.append(n)
             ys.append(best)
         ax.step(xs, ys, where="post", color="tab:green", label="best so far")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel(f"validation {METRIC.upper()}")
     ax.set_title("promptdml tune: validation MAP@R per trial")
