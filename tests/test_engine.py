@@ -70,6 +70,32 @@ def test_resume_mid_epoch_after_signal(tiny_weights, data_root, tmp_path):
     assert resumed.global_step == 2 * 3 and len(result.history) == 2
 
 
+def test_signal_that_also_stopped_the_loader_workers_is_an_interruption(tiny_weights, data_root, tmp_path):
+    """Ctrl-C / SIGTERM sent to the whole process group kills the DataLoader workers too: the loader raises a
+    RuntimeError mid-epoch, which then reads as the interruption it is (resumable), not as a crash."""
+    import signal
+
+    from promptdml.engine.trainer import TrainingInterrupted
+
+    trainer = Trainer(_cfg(tiny_weights, data_root, tmp_path), echo=_quiet)
+    original = trainer.train_step
+
+    def step(images, labels):
+        if trainer.epoch == 1:
+            trainer._stop_signal = signal.SIGTERM
+            raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Terminated.")
+        return original(images, labels)
+
+    trainer.train_step = step
+    with pytest.raises(TrainingInterrupted, match="end of epoch 1.*--resume"):
+        trainer.fit()
+    assert load_resume_state(trainer.run_dir)["epoch"] == 1
+    trainer = Trainer(_cfg(tiny_weights, data_root, tmp_path / "b"), echo=_quiet)
+    trainer.train_step = lambda images, labels: (_ for _ in ()).throw(RuntimeError("a real bug"))
+    with pytest.raises(RuntimeError, match="a real bug"):  # without a stop signal: unchanged
+        trainer.fit()
+
+
 def test_crash_during_checkpoint_write_keeps_previous(tiny_weights, data_root, tmp_path, monkeypatch):
     trainer = Trainer(_cfg(tiny_weights, data_root, tmp_path, **{"train.epochs": 3}), echo=_quiet)
     trainer._end_epoch(trainer._train_epoch())

@@ -19,6 +19,7 @@ Outputs in ``OUT``: ``best.yaml`` (the resolved config with the best trial's val
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -29,7 +30,6 @@ import math
 import time
 import typing
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,7 +266,7 @@ def _require_optuna():
     return optuna
 
 
-@contextmanager
+@contextlib.contextmanager
 def _exclusive(out_dir: Path):
     """One tune process per output folder (the lock goes away with the process, however it ends)."""
     lock = open(out_dir / ".tune.lock", "a+")  # noqa: SIM115 - closed below
@@ -548,9 +548,11 @@ def tune(cfg: Config, space: str | Path | Sequence[Param] | None = None, trials:
                     _report(study, optuna, params, base, out, echo, trials)
                     raise TuneError(f"{failures} trials in a row failed (last: {e}). Narrow the search space "
                                     f"(e.g. lower optim.lr's high end) and rerun; the study is kept.") from None
-            except BaseException:
-                _attrs(trial, epochs_run[0], t0, "crashed")
+            except BaseException as e:  # unexpected: record the trial and the reports, then stop
+                _attrs(trial, epochs_run[0], t0, f"crashed: {type(e).__name__}: {e}"[:300])
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                with contextlib.suppress(Exception):
+                    _report(study, optuna, params, base, out, echo, trials)
                 raise
         result = _report(study, optuna, params, base, out, echo, trials)
     if interrupted is not None:

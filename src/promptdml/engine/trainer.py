@@ -323,7 +323,15 @@ class Trainer:
         metrics: dict[str, float] = {}
         with _StopOnSignal(self):
             while self.epoch < cfg.train.epochs:
-                row = self._train_epoch()
+                try:
+                    row = self._train_epoch()
+                except RuntimeError as e:  # a signal to the whole process group also stops the loader workers
+                    if self._stop_signal is None:
+                        raise
+                    raise TrainingInterrupted(
+                        f"stopped by signal {self._stop_signal} during epoch {self.epoch + 1}, which also stopped "
+                        f"the data-loading workers ({str(e).strip()}); the last saved state is the end of epoch "
+                        f"{self.epoch}. Continue with: promptdml train --resume {self.run_dir}") from None
                 if row is None:  # interrupted: 'last' holds the position inside the epoch
                     self.save_state()
                     raise TrainingInterrupted(
