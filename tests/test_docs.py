@@ -211,7 +211,7 @@ def _runnable_pages() -> list[Path]:
 def test_there_are_runnable_blocks_for_each_workflow():
     text = "".join(b.code for p in PAGES for b in fenced_blocks(p) if b.runnable)
     for command in ("promptdml train", "promptdml evaluate", "promptdml data check", "promptdml embed",
-                    "promptdml index build", "promptdml search", "promptdml export", "promptdml info",
+                    "promptdml index build", "promptdml search", "promptdml export", "promptdml info", "promptdml tune",
                     "python main.py --source_path"):
         assert command in text, f"no runnable block in README.md or docs/*.md runs `{command}`"
 

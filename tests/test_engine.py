@@ -70,6 +70,32 @@ def test_resume_mid_epoch_after_signal(tiny_weights, data_root, tmp_path):
     assert resumed.global_step == 2 * 3 and len(result.history) == 2
 
 
+def test_signal_that_also_stopped_the_loader_workers_is_an_interruption(tiny_weights, data_root, tmp_path):
+    """Ctrl-C / SIGTERM sent to the whole process group kills the DataLoader workers too: the loader raises a
+    RuntimeError mid-epoch, which then reads as the interruption it is (resumable), not as a crash."""
+    import signal
+
+    from promptdml.engine.trainer import TrainingInterrupted
+
+    trainer = Trainer(_cfg(tiny_weights, data_root, tmp_path), echo=_quiet)
+    original = trainer.train_step
+
+    def step(images, labels):
+        if trainer.epoch == 1:
+            trainer._stop_signal = signal.SIGTERM
+            raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Terminated.")
+        return original(images, labels)
+
+    trainer.train_step = step
+    with pytest.raises(TrainingInterrupted, match="end of epoch 1.*--resume"):
+        trainer.fit()
+    assert load_resume_state(trainer.run_dir)["epoch"] == 1
+    trainer = Trainer(_cfg(tiny_weights, data_root, tmp_path / "b"), echo=_quiet)
+    trainer.train_step = lambda images, labels: (_ for _ in ()).throw(RuntimeError("a real bug"))
+    with pytest.raises(RuntimeError, match="a real bug"):  # without a stop signal: unchanged
+        trainer.fit()
+
+
 def test_crash_during_checkpoint_write_keeps_previous(tiny_weights, data_root, tmp_path, monkeypatch):
     trainer = Trainer(_cfg(tiny_weights, data_root, tmp_path, **{"train.epochs": 3}), echo=_quiet)
     trainer._end_epoch(trainer._train_epoch())
@@ -133,6 +159,56 @@ def test_best_checkpoint_selected_on_validation_split_only(tiny_weights, data_ro
 
     summary = json.loads((trainer.run_dir / "metrics.json").read_text())
     assert summary["best"]["selected_by"] == "val_map@r" and summary["best"]["epoch"] == 2
+
+
+def test_training_without_the_test_split_validates_only(tiny_weights, data_root, tmp_path):
+    """Splits built with with_test=False (promptdml tune): nothing is evaluated on test, not even before
+    training, and the run directory reports the validation metrics."""
+    import json
+
+    from promptdml.data import build_splits
+
+    cfg = _cfg(tiny_weights, data_root, tmp_path, **{"data.val_ratio": 0.34, "train.epochs": 2,
+                                                      "eval.before_training": True})
+    splits = build_splits(cfg.data, with_test=False)
+    trainer = Trainer(cfg, splits=splits, echo=_quiet)
+    calls = []
+    real = trainer.evaluate
+
+    def spy(split="test", frozen_features=False):
+        calls.append(split)
+        return real(split, frozen_features)
+
+    trainer.evaluate = spy
+    result = trainer.fit()
+    assert calls == ["val", "val"]
+    assert result.metrics == {}
+    summary = json.loads((trainer.run_dir / "metrics.json").read_text())
+    assert summary["test"] == {} and summary["val"]["map@r"] == result.history[-1]["val_map@r"]
+    card = (trainer.run_dir / "README.md").read_text()
+    assert "Validation metrics" in card and "the test split was not built" in card and "| map@r |" in card
+
+
+def test_on_epoch_callback_sees_each_row_and_can_stop_training(tiny_weights, data_root, tmp_path):
+    cfg = _cfg(tiny_weights, data_root, tmp_path, **{"data.val_ratio": 0.34, "train.epochs": 3})
+    rows = []
+    Trainer(cfg, echo=_quiet).fit(on_epoch=rows.append)
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and all("val_map@r" in r for r in rows)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(row):
+        if row["epoch"] == 2:
+            raise Stop
+
+    trainer = Trainer(_cfg(tiny_weights, data_root, tmp_path / "b", **{"data.val_ratio": 0.34,
+                                                                         "train.epochs": 3}), echo=_quiet)
+    with pytest.raises(Stop):
+        trainer.fit(on_epoch=stop_after_two)
+    assert trainer.epoch == 2 and len(trainer.history) == 2
+    assert load_resume_state(trainer.run_dir)["epoch"] == 2  # the stopped epoch's state is saved
+    assert not (trainer.run_dir / "metrics.json").exists()
 
 
 def test_tensorboard_events_and_keep_n(tiny_weights, data_root, tmp_path):

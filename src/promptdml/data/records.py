@@ -10,7 +10,8 @@ import numpy as np
 
 log = logging.getLogger("promptdml.data")
 
-__all__ = ["DataError", "ImageRecords", "Splits", "records_from_pairs", "split_by_class", "carve_val"]
+__all__ = ["DataError", "ImageRecords", "Splits", "records_from_pairs", "split_by_class", "split_classes",
+           "carve_val"]
 
 
 class DataError(ValueError):
@@ -92,7 +93,12 @@ class Splits:
     @property
     def protocol(self) -> str:
         """``"self"`` (test against itself) or ``"query_gallery"``."""
-        return "query_gallery" if self.test is None else "self"
+        return "query_gallery" if self.query is not None else "self"
+
+    @property
+    def has_test(self) -> bool:
+        """False for splits built without the test split (``build_splits(..., with_test=False)``)."""
+        return self.test is not None or self.query is not None
 
     def named_splits(self) -> list[tuple[str, ImageRecords]]:
         out = [("train", self.train)]
@@ -118,9 +124,8 @@ def records_from_pairs(paths: Sequence[str], class_names: Sequence[str],
     return ImageRecords(list(paths), labels, list(order))
 
 
-def split_by_class(by_class: dict[str, list[str]], train_ratio: float, where: str) -> tuple[ImageRecords, ImageRecords]:
-    """First ``round(train_ratio * C)`` of the sorted classes train, the rest test."""
-    classes = sorted(by_class, key=_natural_key)
+def split_classes(classes: Sequence[str], train_ratio: float, where: str) -> tuple[list[str], list[str]]:
+    """The first ``round(train_ratio * C)`` of ``classes`` (in the given order) train, the rest test."""
     n = len(classes)
     n_train = int(round(train_ratio * n))
     if n < 4 or n_train < 2 or n - n_train < 2:
@@ -128,8 +133,14 @@ def split_by_class(by_class: dict[str, list[str]], train_ratio: float, where: st
             f"{where}: {n} usable classes with data.train_ratio={train_ratio} gives {n_train} training and "
             f"{n - n_train} test classes; each split needs at least 2 classes. Add class folders/labels or "
             f"change data.train_ratio.")
+    return list(classes[:n_train]), list(classes[n_train:])
+
+
+def split_by_class(by_class: dict[str, list[str]], train_ratio: float, where: str) -> tuple[ImageRecords, ImageRecords]:
+    """First ``round(train_ratio * C)`` of the sorted classes train, the rest test."""
+    classes = sorted(by_class, key=_natural_key)
     out = []
-    for part in (classes[:n_train], classes[n_train:]):
+    for part in split_classes(classes, train_ratio, where):
         paths = [p for c in part for p in by_class[c]]
         names = [c for c in part for _ in by_class[c]]
         out.append(records_from_pairs(paths, names, order=part))

@@ -26,7 +26,7 @@ from .records import (
     _natural_key,
     carve_val,
     records_from_pairs,
-    split_by_class,
+    split_classes,
 )
 
 __all__ = ["build_splits", "default_cache_dir", "DATASETS"]
@@ -81,8 +81,11 @@ def _images_under(folder: Path) -> list[str]:
     return out
 
 
-def _class_folders(root: Path, layout: str, problems: list[str]) -> dict[str, list[str]]:
-    """``root/<class>/**/<image>`` -> {class: [paths]}; empty class folders are reported and ignored."""
+def _class_folders(root: Path, layout: str, problems: list[str],
+                   keep: Callable[[str], bool] | None = None) -> dict[str, list[str]]:
+    """``root/<class>/**/<image>`` -> {class: [paths]}; empty class folders are reported and ignored.
+
+    ``keep(name)`` False: the class folder is not looked into at all (a split that is not wanted)."""
     if not root.exists():
         raise DataError(f"image folder '{root}' does not exist. Expected layout: {layout}")
     if not root.is_dir():
@@ -93,6 +96,8 @@ def _class_folders(root: Path, layout: str, problems: list[str]) -> dict[str, li
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
+            if keep is not None and not keep(entry.name):
+                continue
             files = _images_under(Path(entry.path))
             if files:
                 by_class[entry.name] = files
@@ -146,7 +151,7 @@ def _pick_base(rel_paths: list[str], bases: list[Path]) -> Path:
 _FOLDER_LAYOUT = "<root>/<class name>/<image> (images found recursively; one sub-folder per class)"
 
 
-def _read_folder(cfg, root: Path | None = None) -> _Raw:
+def _read_folder(cfg, with_test: bool = True, root: Path | None = None) -> _Raw:
     root = root if root is not None else _need_root(cfg, "the folder holding one sub-folder per class")
     problems: list[str] = []
     by_class = _class_folders(root, _FOLDER_LAYOUT, problems)
@@ -154,7 +159,7 @@ def _read_folder(cfg, root: Path | None = None) -> _Raw:
     return _Raw(items, str(root), problems, class_dir=lambda c: str(root / c))
 
 
-def _read_demo(cfg) -> _Raw:
+def _read_demo(cfg, with_test: bool = True) -> _Raw:
     try:
         from .synthetic import generate_demo_dataset
     except ImportError as e:  # pragma: no cover - the generator ships with the package
@@ -170,14 +175,14 @@ def _read_demo(cfg) -> _Raw:
     except OSError as e:
         raise DataError(f"cannot write the demo data to '{root}': {e}. Set data.root to a writable folder "
                         f"or PROMPTDML_CACHE.") from None
-    return _read_folder(cfg, root)
+    return _read_folder(cfg, with_test, root)
 
 
 _SPLIT_VALUES = ("train", "test", "query", "gallery")
 _HEADER_PATH = {"path", "file", "filename", "file_name", "image", "image_path", "img", "filepath"}
 
 
-def _read_csv(cfg) -> _Raw:
+def _read_csv(cfg, with_test: bool = True) -> _Raw:
     path = _need_root(cfg, "the list file (rows: path,label[,split])")
     if path.is_dir():
         raise DataError(f"data.root '{path}' is a folder, but data.dataset=csv needs a list file with rows "
@@ -239,18 +244,24 @@ def _cub_images(d: Path) -> Path | None:
     return None
 
 
-def _read_cub200(cfg) -> _Raw:
+def _cub_is_train(name: str) -> bool:
+    m = _CUB_DIR_RE.match(name)
+    return m is None or int(m.group(1)) <= 100  # misnamed folders are kept so that they are reported
+
+
+def _read_cub200(cfg, with_test: bool = True) -> _Raw:
     d = _find_dataset_dir(cfg, ("cub200", "CUB_200_2011", "cub"), lambda p: _cub_images(p) is not None, _CUB_LAYOUT)
     images = _cub_images(d)
     assert images is not None
     problems: list[str] = []
-    by_class = _class_folders(images, _CUB_LAYOUT, problems)
+    by_class = _class_folders(images, _CUB_LAYOUT, problems, keep=None if with_test else _cub_is_train)
     bad = [c for c in by_class if not _CUB_DIR_RE.match(c)]
     if bad:
         raise DataError(f"CUB class folders must be named 'NNN.Name' (e.g. 001.Black_footed_Albatross); "
                         f"in '{images}' found {bad[:5]}. Remove or rename them.")
-    if len(by_class) != 200:
-        problems.append(f"CUB-200-2011 has 200 classes, found {len(by_class)} non-empty class folders in "
+    if len(by_class) != (200 if with_test else 100):
+        expected = "200 classes" if with_test else "100 training classes (1-100)"
+        problems.append(f"CUB-200-2011 has {expected}, found {len(by_class)} non-empty class folders in "
                         f"'{images}'; classes 1-100 are still used for training, 101-200 for testing.")
     items = []
     for c, ps in by_class.items():
@@ -262,7 +273,7 @@ def _read_cub200(cfg) -> _Raw:
 _CARS_LAYOUT = "<root>/cars196/images/<class name, e.g. 'Acura Integra Type R 2001'>/*.jpg (196 folders)"
 
 
-def _read_cars196(cfg) -> _Raw:
+def _read_cars196(cfg, with_test: bool = True) -> _Raw:
     d = _find_dataset_dir(cfg, ("cars196", "cars", "CARS196"), lambda p: (p / "images").is_dir(), _CARS_LAYOUT)
     images = d / "images"
     problems: list[str] = []
@@ -289,13 +300,13 @@ def _sop_list(d: Path, name: str) -> Path | None:
     return None
 
 
-def _read_online_products(cfg) -> _Raw:
+def _read_online_products(cfg, with_test: bool = True) -> _Raw:
     d = _find_dataset_dir(cfg, ("online_products", "Stanford_Online_Products", "sop"),
                           lambda p: _sop_list(p, "Ebay_train.txt") is not None or (p / "Info_Files").is_dir(),
                           _SOP_LAYOUT)
     items: list[_Item] = []
     rel: list[str] = []
-    for split, name in (("train", "Ebay_train.txt"), ("test", "Ebay_test.txt")):
+    for split, name in (("train", "Ebay_train.txt"), ("test", "Ebay_test.txt"))[: 2 if with_test else 1]:
         ann = _sop_list(d, name)
         if ann is None:
             raise DataError(f"annotation file '{d / 'Info_Files' / name}' is missing. Expected layout: {_SOP_LAYOUT}")
@@ -336,7 +347,7 @@ def _inshop_list(d: Path) -> Path | None:
     return None
 
 
-def _read_inshop(cfg) -> _Raw:
+def _read_inshop(cfg, with_test: bool = True) -> _Raw:
     d = _find_dataset_dir(cfg, ("inshop", "In-shop Clothes Retrieval Benchmark", "InShop", "in-shop"),
                           lambda p: _inshop_list(p) is not None or (p / "img").is_dir() or (p / "Img").is_dir(),
                           _INSHOP_LAYOUT)
@@ -377,7 +388,7 @@ _INAT_LAYOUT = ("<root>/inaturalist/Inaturalist_train_set1.txt + Inaturalist_tes
                 "<root>/inaturalist/train_val2018/<supercategory>/<species>/")
 
 
-def _read_inaturalist(cfg) -> _Raw:
+def _read_inaturalist(cfg, with_test: bool = True) -> _Raw:
     names = {"train": "Inaturalist_train_set1.txt", "test": "Inaturalist_test_set1.txt"}
 
     def listing(p: Path, name: str) -> Path | None:
@@ -390,6 +401,8 @@ def _read_inaturalist(cfg) -> _Raw:
                           lambda p: any(listing(p, n) for n in names.values()), _INAT_LAYOUT)
     items: list[_Item] = []
     for split, name in names.items():
+        if split != "train" and not with_test:
+            continue
         ann = listing(d, name)
         if ann is None:
             raise DataError(f"annotation file '{d / name}' is missing. Expected layout: {_INAT_LAYOUT}")
@@ -418,7 +431,7 @@ _LAYOUTS = {"folder": _FOLDER_LAYOUT, "demo": _FOLDER_LAYOUT, "cub200": _CUB_LAY
             "online_products": _SOP_LAYOUT, "inshop": _INSHOP_LAYOUT, "inaturalist": _INAT_LAYOUT,
             "csv": "a list file with rows 'path,label[,split]', paths relative to the file's folder"}
 
-_READERS: dict[str, Callable[[object], _Raw]] = {
+_READERS: dict[str, Callable[[object, bool], _Raw]] = {
     "demo": _read_demo,
     "folder": _read_folder,
     "csv": _read_csv,
@@ -471,60 +484,69 @@ def _require_classes(rec: ImageRecords, split: str, where: str) -> None:
                         f"least 2 are needed. Check the dataset (see `promptdml data check`).")
 
 
-def build_splits(cfg, check_images: str = "header") -> Splits:
+def build_splits(cfg, check_images: str = "header", with_test: bool = True) -> Splits:
     """Read ``cfg.dataset`` under ``cfg.root`` and return its :class:`Splits`.
 
     ``check_images``: ``"header"`` (default: file exists, non-empty, PIL recognises it), ``"full"``
     (decode every image; slow) or ``"exists"``. Files that fail are excluded and reported in
     ``Splits.problems`` (and logged). Raises :class:`DataError` with a fix for unusable data.
+
+    ``with_test=False`` builds the training split and its validation split only (``data.val_ratio``), for
+    model selection and hyper-parameter search: ``test``, ``query`` and ``gallery`` are None and their images
+    are never opened or checked. Benchmarks with fixed splits do not even list them (CUB's test class
+    folders, SOP's and iNaturalist's test lists are not read); the kinds split by class order (``folder``,
+    ``demo``, ``csv`` without a split column, ``cars196``) list every class to number the classes, so the
+    training and validation classes are exactly those of a full build.
     """
     kind = str(cfg.dataset)
     if kind not in _READERS:
         raise DataError(f"unknown data.dataset '{kind}'; choose one of {list(DATASETS)}")
-    raw = _READERS[kind](cfg)
+    raw = _READERS[kind](cfg, with_test)
     raw.kind = raw.kind or kind
     raw.layout = raw.layout or _LAYOUTS.get(kind, "")
     problems: list[str] = []
     _report(problems, raw.problems)
-    items = _drop_bad(raw, check_images, problems)
     where = f"{kind} dataset at '{raw.root}'"
+    by_class = bool(raw.items) and raw.items[0].split is None
+    if by_class:  # split by class: the listed classes, in sorted order
+        _assign_split_by_class(raw.items, float(cfg.train_ratio), where)
+    if not with_test:  # the other splits' images are never checked nor read
+        raw.items = [it for it in raw.items if it.split == "train"]
+    items = _drop_bad(raw, check_images, problems)
     if not items:
         raise DataError(f"{where}: no readable images (see the problems above)")
 
-    if items[0].split is None:  # split by class
-        by_class: dict[str, list[str]] = defaultdict(list)
-        for it in items:
-            by_class[it.cls].append(it.path)
-        train, test = split_by_class(by_class, float(cfg.train_ratio), where)
-        query = gallery = None
+    groups: dict[str, list[_Item]] = defaultdict(list)
+    for it in items:
+        groups[it.split].append(it)  # type: ignore[index]
+    if not groups.get("train"):
+        raise DataError(f"{where}: no readable training images")
+    train = _records(groups["train"])
+    test = query = gallery = None
+    if not with_test:
+        pass
+    elif "query" in groups or "gallery" in groups:
+        q, g = groups.get("query", []), groups.get("gallery", [])
+        if not q or not g:
+            raise DataError(f"{where}: the query/gallery protocol needs readable images in both query and gallery")
+        joint = sorted({it.cls for it in q + g}, key=_natural_key)  # one id space for query and gallery
+        query, gallery = _records(q, joint), _records(g, joint)
+        no_query = query.num_classes - len(np.unique(query.labels))
+        if no_query:
+            problems.append(f"{where}: {no_query} of {query.num_classes} query/gallery ids have gallery "
+                            f"images only (no query)")
+        _require_classes(gallery, "gallery", where)
     else:
-        groups: dict[str, list[_Item]] = defaultdict(list)
-        for it in items:
-            groups[it.split].append(it)  # type: ignore[index]
-        if not groups.get("train"):
-            raise DataError(f"{where}: no readable training images")
-        train = _records(groups["train"])
-        if "query" in groups or "gallery" in groups:
-            q, g = groups.get("query", []), groups.get("gallery", [])
-            if not q or not g:
-                raise DataError(f"{where}: the query/gallery protocol needs readable images in both query and gallery")
-            joint = sorted({it.cls for it in q + g}, key=_natural_key)  # one id space for query and gallery
-            query, gallery, test = _records(q, joint), _records(g, joint), None
-            no_query = query.num_classes - len(np.unique(query.labels))
-            if no_query:
-                problems.append(f"{where}: {no_query} of {query.num_classes} query/gallery ids have gallery "
-                                f"images only (no query)")
-            _require_classes(gallery, "gallery", where)
-        else:
-            if not groups.get("test"):
-                raise DataError(f"{where}: no readable test images")
-            test, query, gallery = _records(groups["test"]), None, None
-            _require_classes(test, "test", where)
+        if not groups.get("test"):
+            raise DataError(f"{where}: no readable test images")
+        test = _records(groups["test"])
+        _require_classes(test, "test", where)
 
     lost = {(it.split, it.cls) for it in raw.items} - {(it.split, it.cls) for it in items}
     if lost:
-        _report(problems, [f"class '{c}'{f' ({sp} split)' if sp else ''} lost all its images to the problems "
-                           f"above; it is left out" for sp, c in sorted(lost, key=lambda x: (x[0] or '', x[1]))])
+        _report(problems, [f"class '{c}'{f' ({sp} split)' if sp and not by_class else ''} lost all its images to "
+                           f"the problems above; it is left out"
+                           for sp, c in sorted(lost, key=lambda x: (x[0] or '', x[1]))])
 
     train, val = carve_val(train, float(getattr(cfg, "val_ratio", 0.0)))
     _require_classes(train, "train", where)
@@ -542,3 +564,14 @@ def build_splits(cfg, check_images: str = "header") -> Splits:
 
     return Splits(train=train, test=test, query=query, gallery=gallery, val=val, problems=problems,
                   name=kind, root=raw.root)
+
+
+def _assign_split_by_class(items: list[_Item], train_ratio: float, where: str) -> None:
+    """Unsplit items: the first ``round(train_ratio * C)`` of the sorted listed classes train, the rest test.
+
+    Decided on the listed classes, before any image is checked, so that a build without the test split
+    (``with_test=False``) has exactly the training classes of a full one."""
+    train_classes, _ = split_classes(sorted({it.cls for it in items}, key=_natural_key), train_ratio, where)
+    keep = set(train_classes)
+    for it in items:
+        it.split = "train" if it.cls in keep else "test"

@@ -37,13 +37,16 @@ def write_model_card(run_dir: Path, cfg: Config, summary: dict[str, Any], class_
         weights = None
     source = f"local file `{weights}`" if weights else "the model hub (timm pretrained tag)"
     params = summary["parameters"]
-    metrics = summary.get("test") or {}
+    metrics, heading = summary.get("test") or {}, "Test metrics (last epoch)"
+    if not metrics and summary.get("val"):  # trained without the test split (promptdml tune's trials)
+        metrics, heading = summary["val"], "Validation metrics (last epoch; the test split was not built)"
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items())
     split = (f"classes sorted by name, first {d.train_ratio:.0%} train" if d.dataset in ("folder", "csv", "demo")
              else "the dataset's standard protocol")
     best = summary.get("best")
     best_line = (f"\nBest checkpoint (`checkpoints/best.safetensors`): epoch {best['epoch']}, selected by "
                  f"{best['selected_by']} = {best['value']:.4f} on the validation split.\n" if best else "")
+    tests_line = "query/gallery protocol" if summary.get("test") else "none (the test split was not built)"
     text = f"""# Model card: {run_dir.name}
 
 - **Backbone**: `{b.name}` at {b.img_size} px (frozen), weights from {source}
@@ -51,12 +54,12 @@ def write_model_card(run_dir: Path, cfg: Config, summary: dict[str, Any], class_
 - **Trainable parameters**: {params['trainable']:,} of {params['all']:,} ({100 * params['trainable'] / params['all']:.2f}%)
 - **Embedding**: {cfg.model.embed_dim}-d, L2-normalised (CLS -> LayerNorm -> Linear)
 - **Data**: `{d.dataset}` at `{d.root or '(default location)'}`: {class_count} training classes, {split};
-  test classes: {test_classes if test_classes is not None else 'query/gallery protocol'}
+  test classes: {test_classes if test_classes is not None else tests_line}
 - **Training**: {cfg.train.epochs} epochs, {cfg.optim.optimizer} lr {cfg.optim.lr:g} (proxies {cfg.optim.lr_proxy:g}),
   batch {d.batch_size} with {d.samples_per_class} images per class, {summary['precision']} on {summary['device']},
   {summary['train_seconds']:.0f} s; Proxy Anchor normalisation: {summary['loss_normalization']}
 
-## Test metrics (last epoch)
+## {heading}
 
 | metric | value |
 |---|---|

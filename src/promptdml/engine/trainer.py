@@ -347,20 +347,38 @@ class Trainer:
         """Leave the process group if this trainer created it (end of a distributed run)."""
         self.dist.close()
 
-    def fit(self, evaluate_before: bool | None = None) -> TrainResult:
-        """Train the remaining epochs (all of them, or those left after a resume) and finish the run."""
+    def fit(self, evaluate_before: bool | None = None,
+            on_epoch: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
+        """Train the remaining epochs (all of them, or those left after a resume) and finish the run.
+
+        ``on_epoch(row)`` is called after every epoch, once its log row (``log.csv``: loss, ``val_*`` and
+        ``test_*`` metrics when evaluated) is written and the resume state saved. An exception it raises stops
+        training there and propagates (``promptdml tune`` prunes trials this way); the run directory then
+        holds that epoch's state.
+
+        Splits built without the test split (``build_splits(..., with_test=False)``) train and select on the
+        validation split only: the test metrics are empty and nothing is evaluated on test.
+        """
         cfg = self.cfg
         reset_peak_memory(self.device)  # this run's peak, even when several runs share one process
         counts = count_parameters(self.model)
         self.echo(format_parameter_report(self.model))
-        if self.epoch == 0 and self.step_in_epoch == 0 and (
+        if self.epoch == 0 and self.step_in_epoch == 0 and self.splits.has_test and (
                 evaluate_before if evaluate_before is not None else cfg.eval.before_training):
             self.before = self.evaluate("test", frozen_features=True)
             self.echo("before training (frozen backbone features): " + format_metrics(self.before))
         metrics: dict[str, float] = {}
         with _StopOnSignal(self):
             while self.epoch < cfg.train.epochs:
-                row = self._train_epoch()
+                try:
+                    row = self._train_epoch()
+                except RuntimeError as e:  # a signal to the whole process group also stops the loader workers
+                    if self._stop_signal is None:
+                        raise
+                    raise TrainingInterrupted(
+                        f"stopped by signal {self._stop_signal} during epoch {self.epoch + 1}, which also stopped "
+                        f"the data-loading workers ({str(e).strip()}); the last saved state is the end of epoch "
+                        f"{self.epoch}. Continue with: promptdml train --resume {self.run_dir}") from None
                 if row is None:  # interrupted: 'last' holds the position inside the epoch
                     self.save_state()
                     raise TrainingInterrupted(
@@ -368,6 +386,8 @@ class Trainer:
                         f"{self.step_in_epoch}; the state is saved. Continue with: promptdml train --resume "
                         f"{self.run_dir}")
                 metrics = self._end_epoch(row) or metrics
+                if on_epoch is not None:
+                    on_epoch(row)
         if not metrics and self.history:  # resumed a run whose epochs were all done
             metrics = {k[5:]: v for k, v in self.history[-1].items() if k.startswith("test_")}
         if not self.dist.is_main:  # rank 0 writes the run directory
@@ -383,6 +403,9 @@ class Trainer:
             "precision": str(self.dtype).replace("torch.", "") if self.dtype else "fp32",
             "peak_memory_mb": _peak_memory_mb(self.device),
         }
+        val = {k[4:]: v for k, v in self.history[-1].items() if k.startswith("val_")} if self.history else {}
+        if val:
+            summary["val"] = val  # the last epoch's
         if self.best:
             summary["best"] = {"epoch": self.best["epoch"], "selected_by": f"val_{cfg.eval.select_metric}",
                                "value": self.best["value"]}
@@ -460,7 +483,7 @@ class Trainer:
                 if self.dist.is_main:
                         save_checkpoint(self.model, cfg, self.run_dir / RESUME_DIR / "best.safetensors",
                                     self.splits.train.class_names)
-        if scheduled or last:
+        if (scheduled or last) and self.splits.has_test:
             metrics = self.evaluate("test")  # reported only; never used for selection
             row.update({f"test_{k}": v for k, v in metrics.items()})
         self.history.append(row)
