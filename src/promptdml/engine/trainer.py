@@ -214,8 +214,8 @@ class Trainer:
                 head.center_(mean)
                 feats = feats - mean
             if wants_means:
-                z = torch.nn.functional.linear(feats, head.fc.weight.detach().float().cpu(),
-                                               head.fc.bias.detach().float().cpu())
+                bias = head.fc.bias.detach().float().cpu() if head.fc.bias is not None else None
+                z = torch.nn.functional.linear(feats, head.fc.weight.detach().float().cpu(), bias)
                 means[branch] = class_means(torch.nn.functional.normalize(z, dim=-1), labels, train.num_classes)
         if means:
             self.model.proxies.init_from_class_means(means.get("embedding"), means.get("proxy"))

@@ -13,9 +13,10 @@ class EmbeddingHead(nn.Module):
     def __init__(self, in_dim: int, embed_dim: int, center: bool = False, momentum: float = 0.1) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(in_dim)
-        self.fc = nn.Linear(in_dim, embed_dim)
+        self.fc = nn.Linear(in_dim, embed_dim, bias=not center)  # centred: the embeddings average zero
         nn.init.xavier_uniform_(self.fc.weight)
-        nn.init.zeros_(self.fc.bias)
+        if self.fc.bias is not None:
+            nn.init.zeros_(self.fc.bias)
         self.center = center
         self.momentum = momentum
         if center:
@@ -31,8 +32,9 @@ class EmbeddingHead(nn.Module):
 
     def centered(self, h: torch.Tensor) -> torch.Tensor:
         """``center``: in training subtract the batch mean (and track it), in eval the running mean, like
-        BatchNorm's mean without its variance. A shift shared by every image (a BitFit bias, a prompt) then
-        cannot move the embeddings, so they cannot drift into one narrow cone."""
+        BatchNorm's mean without its variance. With the Linear's bias dropped, a batch's embeddings before L2
+        normalisation then average zero: neither a shift shared by every image (a BitFit bias, a prompt)
+        nor the loss can put them all in one narrow cone."""
         if not self.center:
             return h
         if self.training and h.shape[0] > 1:
