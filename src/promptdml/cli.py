@@ -252,25 +252,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_message(e: BaseException) -> tuple[str, int]:
+    """The one-line message and exit code for an exception that reached the command line.
+
+    User errors (:class:`~promptdml.errors.PromptDMLError`) and OS errors (a file that cannot be read or
+    written) exit with 2; anything else is a bug and exits with 1, asking for ``--debug``.
+    """
+    from promptdml.errors import PromptDMLError
+
+    if isinstance(e, PromptDMLError):
+        return str(e), 2
+    if isinstance(e, OSError):
+        where = f" '{e.filename}'" if getattr(e, "filename", None) else ""
+        reason = e.strerror or str(e) or type(e).__name__
+        return f"{reason}{where}", 2
+    return (f"unexpected {type(e).__name__}: {e} (this is a bug in promptdml; rerun with --debug for the "
+            f"traceback and report it)"), 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
-    from promptdml.data import DataError
-    from promptdml.engine.trainer import TrainingError
-    from promptdml.models import BackboneError
-    from promptdml.retrieval import RetrievalError
-
     try:
         return args.func(args)
-    except (ConfigError, DataError, BackboneError, TrainingError, RetrievalError, FileNotFoundError) as e:
+    except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the command line never shows a traceback without --debug
+        if args.debug:
+            raise
+        message, code = error_message(e)
+        print(f"error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

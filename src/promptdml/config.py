@@ -17,9 +17,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration file or override is invalid; the message says how to fix it."""
+from promptdml.errors import ConfigError
 
 
 @dataclass
@@ -539,7 +537,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from promptdml.files import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe_keys() -> list[tuple[str, str, Any, str]]:

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from promptdml.errors import DataError
+
 log = logging.getLogger("promptdml.data")
 
 __all__ = ["DataError", "ImageRecords", "Splits", "records_from_pairs", "split_by_class", "carve_val"]
 
 
-class DataError(ValueError):
-    """A dataset is missing or malformed; the message names the file/folder and says how to fix it."""
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from promptdml.config import Config, from_dict, to_dict
+from promptdml.files import atomic_write
 from promptdml.models import PromptDMLModel, create_model
 
 CHECKPOINT_NAME = "model.safetensors"
@@ -19,15 +19,10 @@ FORMAT = "promptdml/1"
 
 def save_checkpoint(model: PromptDMLModel, cfg: Config, path: str | Path, class_names: list[str] | None = None) -> Path:
     """Write the trainable state + container as safetensors, config in the metadata; atomic (temp + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.trainable_state().items()}
     meta = {"format": FORMAT, "config": json.dumps(to_dict(cfg)), "num_classes": str(model.num_classes),
             "class_names": json.dumps(class_names or [])}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def _checkpoint_file(path: str | Path) -> Path:

@@ -47,6 +47,7 @@ from promptdml.engine.state import (
     rng_state,
     set_rng_state,
 )
+from promptdml.errors import TrainingError
 from promptdml.losses import ProxyAnchorLoss
 from promptdml.metrics import mean_pairwise_cosine
 from promptdml.models import PromptDMLModel, count_parameters, create_model, format_parameter_report
@@ -70,10 +71,6 @@ together in the first epoch (0.94-0.99) unless ``optim.head_warmup_epochs`` hold
 out later (by epoch 3, or only at epochs 7-9), failed runs stayed at 0.96-0.99 for all 15 epochs and ended below the
 frozen features."""
 EMBEDDING_COLLAPSE_EPOCH = 3
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue; the message says why and what to change."""
 
 
 @dataclass

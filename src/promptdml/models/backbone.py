@@ -19,13 +19,12 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from promptdml.config import BackboneConfig
+from promptdml.errors import BackboneError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 WEIGHTS_ENV = "PROMPTDML_WEIGHTS"
 
 
-class BackboneError(RuntimeError):
-    """The backbone could not be built or its weights could not be loaded; the message says why."""
 
 
 def _architecture(name: str) -> str:

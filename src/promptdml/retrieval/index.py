@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from promptdml.files import atomic_write
 from promptdml.retrieval import RetrievalError
 
 INDEX_FORMAT = "promptdml-index/1"
@@ -159,18 +160,13 @@ class Index:
         """Write the index as one safetensors file (atomic: temp file + rename)."""
         from safetensors.numpy import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"embeddings": self.embeddings}
         if self.faiss_index is not None:
             faiss = _import_faiss(self.kind)
             tensors["faiss_index"] = np.ascontiguousarray(faiss.serialize_index(self.faiss_index), dtype=np.uint8)
         meta = {"format": INDEX_FORMAT, "type": self.kind, "paths": json.dumps(self.paths),
                 "params": json.dumps(self.params), "info": json.dumps(self.info)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_index(path: str | os.PathLike) -> Index:
