@@ -106,11 +106,22 @@ def _contents(run_dir: Path) -> list[Path]:
         raise RunDirError(f"cannot read the run directory '{run_dir}': {os_reason(e)}") from None
 
 
+def _probe_lock(run_dir: Path) -> None:
+    """Raise if another process holds the run directory's lock (checked early, before any work)."""
+    path = run_dir / LOCK_NAME
+    if fcntl is None or not path.is_file() or os.path.realpath(path) in RunLock._held:
+        return
+    RunLock(run_dir).acquire().release()
+
+
 def check_run_dir(run_dir: Path, overwrite: bool = False, resume: bool = False) -> None:
     """Refuse early (before data and model are built) to start a new run in a directory that holds one."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"the run directory '{run_dir}' is a file; choose another --output-dir or --name")
-    if resume or not run_dir.is_dir():
+    if not run_dir.is_dir():
+        return
+    _probe_lock(run_dir)
+    if resume:
         return
     contents = _contents(run_dir)
     if not contents:

@@ -56,7 +56,7 @@ from promptdml.engine.state import (
     rng_state,
     set_rng_state,
 )
-from promptdml.errors import TrainingError
+from promptdml.errors import BackboneError, DataError, TrainingError
 from promptdml.files import atomic_write_text
 from promptdml.losses import ProxyAnchorLoss
 from promptdml.metrics import mean_pairwise_cosine
@@ -758,7 +758,11 @@ def resume(run_dir: str | Path, echo: Callable[[str], None] = print, overrides: 
             raise ConfigError(f"{key} cannot change when a run is resumed (only {', '.join(RESUME_KEYS)})")
         set_key(cfg, key, value)
     cfg.validate()
-    trainer = Trainer(cfg, run_dir=run_dir, echo=echo, resume=True, resume_anyway=resume_anyway)
+    try:
+        trainer = Trainer(cfg, run_dir=run_dir, echo=echo, resume=True, resume_anyway=resume_anyway)
+    except (DataError, BackboneError) as e:
+        raise type(e)(f"{e}\nResuming '{run_dir}': if its data or weights moved, pass --data-root DIR / --weights "
+                      f"FILE with --resume.") from None
     try:
         return trainer.fit()
     finally:

@@ -134,7 +134,8 @@ def load_embeddings(path: str | os.PathLike) -> EmbeddingFile:
         except RetrievalError:
             raise
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise RetrievalError(f"cannot read '{path}' as safetensors: {e}") from None
+            raise CorruptFileError(f"cannot read '{path}' as safetensors ({e}): truncated or corrupt; write it again "
+                                   f"with `promptdml embed`") from None
         if "paths" not in meta:
             raise RetrievalError(f"'{path}' has no 'paths' metadata; write it with `promptdml embed`")
         try:
