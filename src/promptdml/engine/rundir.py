@@ -11,8 +11,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from promptdml.errors import RunDirError
 from promptdml.files import ensure_dir, os_reason
 
@@ -30,9 +28,16 @@ RUN_MARKERS = ("config.yaml", "model.safetensors", "checkpoints", "metrics.json"
 
 
 def run_dir_of(cfg: Any) -> Path:
-    """``train.output_dir / train.run_name`` (a ``<dataset>-<date>-<time>`` name when the name is empty)."""
-    name = cfg.train.run_name or f"{cfg.data.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    return Path(cfg.train.output_dir).expanduser().absolute() / name
+    """``train.output_dir / train.run_name`` (a free ``<dataset>-<date>-<time>[-N]`` name when the name is empty)."""
+    out = Path(cfg.train.output_dir).expanduser().absolute()
+    if cfg.train.run_name:
+        return out / cfg.train.run_name
+    stamp = f"{cfg.data.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    candidate, n = out / stamp, 1
+    while candidate.exists():  # an automatic name never collides with an earlier run (two runs in one second)
+        n += 1
+        candidate = out / f"{stamp}-{n}"
+    return candidate
 
 
 class RunLock:
@@ -180,14 +185,17 @@ def data_fingerprint(splits: Any) -> dict[str, Any]:
     return out
 
 
-def backbone_fingerprint(backbone: torch.nn.Module) -> str:
-    """sha256 (16 hex digits) of the backbone's tensors (names, shapes, values) as built from its weights."""
-    h = hashlib.sha256()
-    for name, t in sorted(backbone.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
+def backbone_fingerprint(cfg: Any) -> str:
+    """What the frozen backbone is built from: its architecture and the sha256 (16 hex digits) of the local
+    weights file (or the hub tag when the weights come from the model hub)."""
+    from promptdml.files import sha256_file
+    from promptdml.models.backbone import resolve_weights_file
+
+    b = cfg.model.backbone
+    if not b.pretrained:
+        return f"{b.name}:random"
+    weights = resolve_weights_file(b)
+    return f"{b.name}:{sha256_file(weights)[:16] if weights is not None else 'hub'}"
 
 
 def compare_fingerprints(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:

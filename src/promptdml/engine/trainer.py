@@ -185,7 +185,7 @@ class Trainer:
         train = self.splits.train
         _warn_small_classes(train, cfg.data.samples_per_class)
         model = create_model(cfg.model, train.num_classes)
-        self.fingerprint = {"data": data_fingerprint(self.splits), "backbone": backbone_fingerprint(model.backbone)}
+        self.fingerprint = {"data": data_fingerprint(self.splits), "backbone": backbone_fingerprint(cfg)}
         self.model = model.to(self.device)
         self.loss_fn = ProxyAnchorLoss(cfg.loss.alpha, cfg.loss.delta, cfg.loss.normalization)
         self.optimizers = build_optimizers(self.model, cfg)
