@@ -41,9 +41,11 @@ def run_dir_of(cfg: Any) -> Path:
 
 
 class RunLock:
-    """An exclusive advisory lock on ``RUN_DIR/.promptdml.lock`` for the life of a run.
+    """An exclusive advisory lock on ``RUN_DIR/.promptdml.lock`` for the life of a run (the file is removed when
+    the run ends).
 
-    The kernel releases it when the process ends (also on kill -9), so a crashed run never leaves a stale lock.
+    The kernel releases it when the process ends (also on kill -9), so a crashed run never leaves a stale lock
+    (a leftover file is not locked and is taken over).
     Re-entrant within one process (a resumed Trainer in the same process may take it again).
     """
 
@@ -63,12 +65,14 @@ class RunLock:
             held[1] += 1
             self.locked = True
             return self
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise RunDirError(f"cannot write into the run directory '{self.run_dir}': {os_reason(e)}. Choose a "
-                              f"writable --output-dir.") from None
-        if fcntl is not None:
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise RunDirError(f"cannot write into the run directory '{self.run_dir}': {os_reason(e)}. Choose a "
+                                  f"writable --output-dir.") from None
+            if fcntl is None:
+                break
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -77,6 +81,13 @@ class RunLock:
                 raise RunDirError(f"another promptdml process ({owner}) is writing to the run directory "
                                   f"'{self.run_dir}'. Wait for it to finish, or train into another directory "
                                   f"(--name NAME).") from None
+            try:  # the holder may have removed the file between our open and flock: lock the current one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         RunLock._held[self.key] = [fd, 1]
@@ -93,7 +104,11 @@ class RunLock:
         held[1] -= 1
         if held[1] <= 0:
             del RunLock._held[self.key]
-            os.close(held[0])  # releases the flock
+            try:  # the run is over: remove the lock file while still holding the lock, then release it
+                os.unlink(self.path)
+            except OSError:
+                pass
+            os.close(held[0])
 
     def __del__(self) -> None:  # a Trainer dropped without close()
         try:
