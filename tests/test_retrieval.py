@@ -6,7 +6,8 @@ import argparse
 import json
 import re
 import sys
-from urllib.parse import unquote
+from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
@@ -241,9 +242,15 @@ def test_cli_index_and_search(setup, tmp_path, capsys):
     page = (out / "index.html").read_text()
     links = re.findall(r"(?:href|src)='([^']+)'", page)
     assert "sheets/query_0000_img_0.png" in links and len(links) > 10
-    for link in links:  # relative links that resolve to the images and sheets
-        assert not link.startswith(("/", "file:")), link
+    for link in links:  # the page carries its thumbnails; sheets are relative, originals absolute file links
+        if link.startswith("data:image/jpeg;base64,"):
+            continue
+        if link.startswith("file:"):
+            assert Path(unquote(urlparse(link).path)).is_file(), link
+            continue
+        assert not link.startswith("/"), link
         assert (out / unquote(link)).is_file(), link
+    assert page.count("data:image/jpeg;base64,") == 2 * (1 + 4)  # every tile embedded: moving the page keeps them
 
 
 def test_cli_help_and_errors(setup, tmp_path, capsys):

@@ -50,6 +50,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="train.run_name")
     p.add_argument("--eval-every", type=int, help="eval.every: evaluate every N epochs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run directory of the same name (default: refuse)")
 
 
 FLAG_KEYS = {
@@ -88,14 +90,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     if env_rank() != 0:  # under torchrun only rank 0 reports; the other ranks log errors only
         logging.getLogger().setLevel(logging.ERROR)
     if args.resume:
-        result = resume(args.resume)
+        overrides = _resume_overrides(args)
+        result = resume(args.resume, overrides=overrides, resume_anyway=args.resume_anyway)
+    elif args.check:
+        from promptdml.engine.trainer import check
+
+        print(check(build_config(args), overwrite=args.overwrite))
+        return 0
     else:
-        result = train(build_config(args))
+        result = train(build_config(args), overwrite=args.overwrite)
     if env_rank() != 0:
         return 0
     print(f"run directory: {result.run_dir}")
     print(_metrics_table({"test": result.metrics}))
     return 0
+
+
+def _resume_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The options ``--resume`` accepts (moved files, another device); warns about every other one given."""
+    from promptdml.config import parse_override
+    from promptdml.engine.trainer import RESUME_KEYS
+
+    given = dict(parse_override(t) for t in args.overrides)
+    given.update(_flag_overrides(args))
+    keep = {k: v for k, v in given.items() if k in RESUME_KEYS}
+    ignored = [k for k in given if k not in RESUME_KEYS]
+    if args.config:
+        ignored.insert(0, f"--config {args.config}")
+    if args.overwrite:
+        ignored.append("--overwrite")
+    if ignored:
+        print(f"warning: --resume continues with the run's own config; ignored: {', '.join(ignored)} (only "
+              f"{', '.join(RESUME_KEYS)} may change, e.g. --weights / --data-root for moved files)", file=sys.stderr)
+    return keep
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -112,12 +139,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(cfg.train.device)
     model, cfg = load_model(args.run, cfg, device)
     splits = build_splits(cfg.data)
-    metrics = evaluate(model, splits, cfg, device, resolve_precision(cfg.train.precision, device), args.split,
-                       progress=not args.no_progress)
-    print(_metrics_table({args.split: metrics}))
+    if args.split == "val" and splits.val is None:
+        raise ConfigError(f"--split val: the data of this run has no validation split (data.val_ratio="
+                          f"{cfg.data.val_ratio}); evaluate --split test, or train with --set data.val_ratio=0.2")
     out = Path(args.out) if args.out else (Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent)
     target = out / f"metrics_eval_{args.split}.json" if out.is_dir() else out
-    target.write_text(json.dumps(metrics, indent=2))
+    if target.is_dir():
+        raise ConfigError(f"--out '{target}' is a folder; pass a file name or an existing folder")
+    report: dict[str, Any] = {}
+    metrics = evaluate(model, splits, cfg, device, resolve_precision(cfg.train.precision, device), args.split,
+                       progress=not args.no_progress, report=report)
+    print(_metrics_table({args.split: metrics}))
+    from promptdml.files import atomic_write_text
+
+    payload: dict[str, Any] = dict(metrics)
+    if report.get("unreadable"):
+        payload["unreadable_eval_images"] = report["unreadable"]
+        print(f"warning: {len(report['unreadable'])} unreadable image(s) were left out of the evaluation "
+              f"(listed in {target})", file=sys.stderr)
+    atomic_write_text(target, json.dumps(payload, indent=2))
     print(f"metrics written to {target}")
     return 0
 
@@ -162,8 +202,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"promptdml demo: {cfg.model.backbone.name} @ {cfg.model.backbone.img_size}px on built-in "
           f"procedural data ({cfg.data.demo_classes} classes, first {cfg.data.train_ratio:.0%} train, rest "
           f"test), {cfg.train.epochs} epochs")
-    trainer = Trainer(cfg)
-    result = trainer.fit(evaluate_before=True)
+    trainer = Trainer(cfg, overwrite=args.overwrite)
+    try:
+        result = trainer.fit(evaluate_before=True)
+    finally:
+        trainer.close()
     print()
     print(_metrics_table({"before (frozen ViT)": result.before or {}, "after (VPTSP-G)": result.metrics}))
     print(f"run directory: {result.run_dir}")
@@ -246,7 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, config_required=False)
     _add_train_flags(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last saved state "
-                                                       "(its own config is used; other options are ignored)")
+                                                       "(its own config is used; only --weights, --data-root and "
+                                                       "--device may change, for moved files)")
+    p.add_argument("--resume-anyway", action="store_true",
+                   help="with --resume: continue even if the data or backbone weights differ from the run's")
+    p.add_argument("--check", action="store_true",
+                   help="dry run: build the data, the model and one batch of each kind, train nothing, write nothing")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="reload a run and compute retrieval metrics",
@@ -293,25 +341,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_message(e: BaseException) -> tuple[str, int]:
+    """The one-line message and exit code for an exception that reached the command line.
+
+    User errors (:class:`~promptdml.errors.PromptDMLError`) and OS errors (a file that cannot be read or
+    written) exit with 2; anything else is a bug and exits with 1, asking for ``--debug``.
+    """
+    from promptdml.errors import PromptDMLError
+
+    if isinstance(e, PromptDMLError):
+        return str(e), 2
+    if isinstance(e, OSError):
+        where = f" '{e.filename}'" if getattr(e, "filename", None) else ""
+        reason = e.strerror or str(e) or type(e).__name__
+        return f"{reason}{where}", 2
+    return (f"unexpected {type(e).__name__}: {e} (this is a bug in promptdml; rerun with --debug for the "
+            f"traceback and report it)"), 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
-    from promptdml.data import DataError
-    from promptdml.engine.trainer import TrainingError
-    from promptdml.models import BackboneError
-    from promptdml.retrieval import RetrievalError
-
     try:
         return args.func(args)
-    except (ConfigError, DataError, BackboneError, TrainingError, RetrievalError, FileNotFoundError) as e:
+    except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the command line never shows a traceback without --debug
+        if args.debug:
+            raise
+        message, code = error_message(e)
+        print(f"error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,9 +19,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration file or override is invalid; the message says how to fix it."""
+from promptdml.errors import ConfigError
 
 
 @dataclass
@@ -296,11 +295,40 @@ class Config:
         self._validate_model_extras()
         if self.train.epochs < 1:
             raise ConfigError("train.epochs must be >= 1")
-        if self.optim.lr <= 0 or self.optim.lr_proxy <= 0:
-            raise ConfigError("optim.lr and optim.lr_proxy must be > 0")
         if not self.eval.recall_ks or min(self.eval.recall_ks) < 1:
             raise ConfigError("eval.recall_ks must be a non-empty list of positive integers")
+        self._validate_numbers()
         return self
+
+    def _validate_numbers(self) -> None:
+        """Values that would only fail later (during or after training): checked up front."""
+        o, d, t, e = self.optim, self.data, self.train, self.eval
+        for key, value in (("optim.lr", o.lr), ("optim.lr_proxy", o.lr_proxy), ("loss.alpha", self.loss.alpha)):
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{key} must be a finite number > 0, got {value}")
+        for key, value in (("optim.weight_decay", o.weight_decay), ("optim.lr_min", o.lr_min),
+                           ("optim.grad_clip", o.grad_clip), ("model.proxy.bias_init_std", self.model.proxy.bias_init_std)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
+        if not (math.isfinite(o.momentum) and 0 <= o.momentum < 1):
+            raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}")
+        if not math.isfinite(self.loss.delta):
+            raise ConfigError(f"loss.delta must be a finite number, got {self.loss.delta}")
+        for key, value, low in (("data.batch_size", d.batch_size, 1), ("eval.batch_size", e.batch_size, 1),
+                                ("data.num_workers", d.num_workers, 0), ("data.batches_per_epoch", d.batches_per_epoch, 0),
+                                ("optim.t_max", o.t_max, 0), ("eval.every", e.every, 0),
+                                ("train.keep_checkpoints", t.keep_checkpoints, 0),
+                                ("train.max_nonfinite_steps", t.max_nonfinite_steps, 1),
+                                ("model.backbone.img_size", self.model.backbone.img_size, 1),
+                                ("model.backbone.depth", self.model.backbone.depth, 0),
+                                ("data.demo_classes", d.demo_classes, 4), ("data.demo_images_per_class", d.demo_images_per_class, 2),
+                                ("data.demo_image_size", d.demo_image_size, 8)):
+            if value < low:
+                raise ConfigError(f"{key} must be >= {low}, got {value}")
+        metrics = ["map@r", "r_precision"] + [f"recall@{k}" for k in e.recall_ks]
+        _choice("eval.select_metric", e.select_metric, metrics)
+        check_device_name(t.device, "train.device")
+
 
     def _validate_model_extras(self) -> None:
         """Model options beyond the prompts: PEFT baselines and the memory bank."""
@@ -322,6 +350,17 @@ class Config:
         if m.full_finetune and m.lora.rank > 0:
             raise ConfigError("model.full_finetune trains the qkv weights themselves; LoRA on top of them is "
                               "redundant and could not be merged. Set model.lora.rank=0 or model.full_finetune=false.")
+
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device_name(name: str, key: str = "--device") -> None:
+    """``auto | cpu | cuda | cuda:N | mps`` (whether it exists here is checked when the device is used)."""
+    if not DEVICE_PATTERN.match(str(name)):
+        close = difflib.get_close_matches(str(name), ["auto", "cpu", "cuda", "cuda:0", "mps"], n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{key} = '{name}' is not a device; use auto, cpu, cuda, cuda:N (N = 0, 1, ...) or mps.{hint}")
 
 
 def _choice(key: str, value: str, options: list[str]) -> None:
@@ -575,7 +614,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from promptdml.files import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe_keys() -> list[tuple[str, str, Any, str]]:

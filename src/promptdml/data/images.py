@@ -82,8 +82,10 @@ def image_problem(path: str | os.PathLike, full: bool = False) -> str | None:
     p = Path(path)
     try:
         st = p.stat()
-    except OSError:
+    except FileNotFoundError:
         return "file not found"
+    except OSError as e:
+        return f"cannot read the file ({e.strerror or type(e).__name__})"
     if not p.is_file():
         return "not a file"
     if st.st_size == 0:
@@ -112,8 +114,10 @@ def find_bad_images(paths: Sequence[str], mode: str = "header") -> dict[int, str
         if mode == "exists":
             try:
                 st = os.stat(p)
-            except OSError:
+            except FileNotFoundError:
                 return "file not found"
+            except OSError as e:
+                return f"cannot read the file ({e.strerror or type(e).__name__})"
             return "empty file (0 bytes)" if st.st_size == 0 else None
         return image_problem(p, full=(mode == "full"))
 

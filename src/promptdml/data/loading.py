@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .images import load_rgb
@@ -29,9 +30,10 @@ class ImageDataset(Dataset):
     :class:`DataError` is raised.
     """
 
-    def __init__(self, records: ImageRecords, transform: Callable[[Any], Any] | None):
+    def __init__(self, records: ImageRecords, transform: Callable[[Any], Any] | None, substitute: bool = True):
         self.records = records
         self.transform = transform
+        self.substitute = substitute
         labels = records.labels
         order = np.argsort(labels, kind="stable")
         bounds = np.cumsum(np.bincount(labels, minlength=records.num_classes))[:-1]
@@ -74,10 +76,25 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int):
         index = int(index)
+        if not self.substitute:
+            return self._get_exact(index)
         img = self._load(index)
         if self.transform is not None:
             img = self.transform(img)
         return img, int(self.records.labels[index]), index
+
+    def _get_exact(self, index: int):
+        """``(image, label, index, error)``: this very image, or a blank one and the reason it failed."""
+        error = ""
+        try:
+            img = load_rgb(self.records.paths[index])
+        except Exception as e:  # noqa: BLE001 - any decoder failure is reported with the file
+            error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            img = Image.new("RGB", (32, 32))
+            self._failed.add_(1)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.records.labels[index]), index, error
 
 
 def _loader_kwargs(num_workers: int, device_type: str) -> dict[str, Any]:
@@ -107,7 +124,8 @@ def build_train_loader(records: ImageRecords, transform, batch_size: int, sample
 
 
 def build_eval_loader(records: ImageRecords, transform, batch_size: int, num_workers: int,
-                      device_type: str) -> DataLoader:
-    """Evaluation DataLoader: dataset order, no shuffling, last partial batch kept."""
-    return DataLoader(ImageDataset(records, transform), batch_size=int(batch_size), shuffle=False, drop_last=False,
-                      **_loader_kwargs(num_workers, device_type))
+                      device_type: str, substitute: bool = True) -> DataLoader:
+    """Evaluation DataLoader: dataset order, no shuffling, last partial batch kept (``substitute``: see
+    :class:`ImageDataset`)."""
+    return DataLoader(ImageDataset(records, transform, substitute), batch_size=int(batch_size), shuffle=False,
+                      drop_last=False, **_loader_kwargs(num_workers, device_type))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from promptdml.errors import DataError
 
 log = logging.getLogger("promptdml.data")
 
@@ -14,8 +17,6 @@ __all__ = ["DataError", "ImageRecords", "Splits", "records_from_pairs", "split_b
            "carve_val"]
 
 
-class DataError(ValueError):
-    """A dataset is missing or malformed; the message names the file/folder and says how to fix it."""
 
 
 @dataclass
@@ -109,9 +110,14 @@ class Splits:
         return out
 
 
+_DIGITS = re.compile(r"(\d+)", re.ASCII)
+
+
 def _natural_key(name: str) -> tuple:
-    """Sort purely numeric class names numerically, everything else by string."""
-    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+    """Natural order: runs of digits compare as numbers (``class2 < class10``, ``2 < 10``), the rest as text;
+    names that tie (``a01`` / ``a1``) fall back to plain string order."""
+    parts = tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in _DIGITS.split(name) if t)
+    return parts, name
 
 
 def records_from_pairs(paths: Sequence[str], class_names: Sequence[str],

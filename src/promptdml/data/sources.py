@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from promptdml.files import os_reason
+
 from .images import IMAGE_EXTENSIONS, find_bad_images, is_image_file
 from .records import (
     DataError,
@@ -72,40 +74,114 @@ def _need_root(cfg, what: str) -> Path:
     return Path(cfg.root).expanduser().absolute()
 
 
-def _images_under(folder: Path) -> list[str]:
-    """Image files below ``folder`` (recursive, hidden entries skipped), sorted."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f))
+def _scandir(folder: str, problems: list[str], what: str = "folder") -> list[os.DirEntry] | None:
+    """The entries of ``folder`` sorted by name, or None (reported in ``problems``) when it cannot be read."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        problems.append(f"cannot read {what} '{folder}' ({os_reason(e)}); the images in it are left out. "
+                        f"Fix its permissions (e.g. chmod -R u+rX) or move it out of the dataset.")
+        return None
+
+
+def _is_dir(entry: os.DirEntry, problems: list[str]) -> bool:
+    try:
+        return entry.is_dir()  # follows symlinks; False for a broken link
+    except OSError as e:
+        problems.append(f"cannot read '{entry.path}' ({os_reason(e)}); left out")
+        return False
+
+
+def _owner(real: str, owners: dict[str, str]) -> str | None:
+    """The class folder (by real path) that holds ``real``, if any."""
+    p = real
+    while True:
+        if p in owners:
+            return owners[p]
+        parent = os.path.dirname(p)
+        if parent == p:
+            return None
+        p = parent
+
+
+def _images_under(folder: Path, cls: str, owners: dict[str, str], visited: dict[str, str],
+                  problems: list[str]) -> list[str]:
+    """Image files below ``folder`` (recursive, hidden entries skipped, sorted; files before sub-folders).
+
+    Symbolic links are followed, but every real folder is scanned once: a link back to the data root or one
+    of its parents (a loop), to a folder already scanned, or into another class's folder is reported in
+    ``problems`` and not followed. Folders that cannot be read are reported, not skipped silently.
+    """
+    out: list[str] = []
+    stack = [str(folder)]
+    while stack:
+        current = stack.pop()
+        real = os.path.realpath(current)
+        if real in visited:
+            problems.append(f"folder '{current}' is the same folder as '{visited[real]}' (a symbolic link loop "
+                            f"or a second link to it); not scanned twice. Remove the link.")
+            continue
+        owner = _owner(real, owners)
+        if owner is None or owner != cls:
+            target = "the data root or a folder above it" if owner is None else f"the folder of class '{owner}'"
+            problems.append(f"folder '{current}' in class '{cls}' is a symbolic link to {target} ('{real}'); "
+                            f"not followed, so no image is counted twice or in the wrong class. Remove the link.")
+            continue
+        visited[real] = current
+        entries = _scandir(current, problems)
+        if entries is None:
+            continue
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if _is_dir(e, problems):
+                subdirs.append(e.path)
+            elif is_image_file(e.name):
+                out.append(e.path)
+        stack.extend(reversed(subdirs))
     return out
 
 
 def _class_folders(root: Path, layout: str, problems: list[str],
                    keep: Callable[[str], bool] | None = None) -> dict[str, list[str]]:
-    """``root/<class>/**/<image>`` -> {class: [paths]}; empty class folders are reported and ignored.
+    """``root/<class>/**/<image>`` -> {class: [paths]}; empty or unreadable class folders are reported and ignored.
 
     ``keep(name)`` False: the class folder is not looked into at all (a split that is not wanted)."""
     if not root.exists():
         raise DataError(f"image folder '{root}' does not exist. Expected layout: {layout}")
     if not root.is_dir():
         raise DataError(f"'{root}' is not a folder. Expected layout: {layout}")
+    scan_problems: list[str] = []
+    entries = _scandir(str(root), scan_problems, "the image folder")
+    if entries is None:
+        raise DataError(scan_problems[0])
     by_class: dict[str, list[str]] = {}
     loose = 0
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if entry.name.startswith("."):
+    classes = [e for e in entries if not e.name.startswith(".") and _is_dir(e, problems)]
+    loose = sum(1 for e in entries if not e.name.startswith(".") and e not in classes and is_image_file(e.name))
+    owners: dict[str, str] = {}
+    root_real = os.path.realpath(root)
+    for e in classes:
+        real = os.path.realpath(e.path)
+        if real in owners or _owner(root_real, {real: ""}) is not None:
+            what = f"the folder of class '{owners[real]}'" if real in owners else "the data root or a folder above it"
+            problems.append(f"class folder '{e.path}' is a symbolic link to {what}; ignored. Remove the link.")
             continue
-        if entry.is_dir():
-            if keep is not None and not keep(entry.name):
-                continue
-            files = _images_under(Path(entry.path))
-            if files:
-                by_class[entry.name] = files
-            else:
-                problems.append(f"class folder '{entry.path}' contains no images ({_EXTS}); ignored. "
-                                f"Add images to it or delete it.")
-        elif is_image_file(entry.name):
-            loose += 1
+        owners[real] = e.name
+    visited: dict[str, str] = {}
+    for e in classes:
+        if owners.get(os.path.realpath(e.path)) != e.name:
+            continue
+        if keep is not None and not keep(e.name):
+            continue
+        files = _images_under(Path(e.path), e.name, owners, visited, problems)
+        if files:
+            by_class[e.name] = files
+        elif not any(e.path in p for p in problems):
+            problems.append(f"class folder '{e.path}' contains no images ({_EXTS}); ignored. "
+                            f"Add images to it or delete it.")
     if loose:
         problems.append(f"{loose} image file(s) lie directly in '{root}' (not in a class sub-folder); ignored. "
                         f"Move them into <class>/ folders.")
@@ -474,6 +550,77 @@ def _drop_bad(raw: _Raw, check_images: str, problems: list[str]) -> list[_Item]:
     return [it for i, it in enumerate(raw.items) if i not in bad]
 
 
+def _describe(it: _Item) -> str:
+    return f"'{it.path}'" + (f" ({it.source})" if it.source else "") + (f" [{it.split}]" if it.split else "")
+
+
+def _check_duplicates(raw: _Raw) -> None:
+    """Every real file (symbolic links resolved) may appear once: a duplicate counts an image twice, and a file
+    in two splits (or two classes that end up in different splits) puts test images into training."""
+    seen: dict[str, int] = {}
+    dupes: list[tuple[int, int]] = []
+    for i, it in enumerate(raw.items):
+        real = os.path.realpath(it.path)
+        j = seen.setdefault(real, i)
+        if j != i:
+            dupes.append((j, i))
+    if not dupes:
+        return
+    cross = [(a, b) for a, b in dupes if raw.items[a].split != raw.items[b].split]
+    shown = (cross or dupes)[:10]
+    lines = "\n  ".join(f"{_describe(raw.items[a])} and {_describe(raw.items[b])}" +
+                        (f" (classes '{raw.items[a].cls}' and '{raw.items[b].cls}')"
+                         if raw.items[a].cls != raw.items[b].cls else "") for a, b in shown)
+    more = f"\n  ... and {len(cross or dupes) - len(shown)} more" if len(cross or dupes) > len(shown) else ""
+    if cross:
+        raise DataError(f"{len(cross)} file(s) of the {raw.kind} dataset at '{raw.root}' are in two splits (a test "
+                        f"image seen in training inflates every metric):\n  {lines}{more}\nKeep each file in "
+                        f"one split only (delete or fix the duplicate rows / links).")
+    raise DataError(f"{len(dupes)} file(s) of the {raw.kind} dataset at '{raw.root}' appear twice (the same file, "
+                    f"symbolic links resolved; a duplicate counts an image twice and inflates the metrics):\n  "
+                    f"{lines}{more}\nDelete the duplicate rows / links.")
+
+
+def _warn_same_content(splits: Splits, problems: list[str]) -> None:
+    """Warn about training and evaluation images with identical bytes (copies of one photo under two names).
+
+    Only files of equal size are hashed, so this costs one ``stat`` per image plus a read of the few
+    candidates."""
+    from promptdml.files import sha256_file
+
+    train = [p for rec in (splits.train, splits.val) if rec is not None for p in rec.paths]
+    evals = [p for rec in (splits.test, splits.query, splits.gallery) if rec is not None for p in rec.paths]
+
+    def sizes(paths: list[str]) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = defaultdict(list)
+        for p in paths:
+            try:
+                out[os.path.getsize(p)].append(p)
+            except OSError:
+                pass
+        return out
+
+    a, b = sizes(train), sizes(evals)
+    found: list[str] = []
+    for size in sorted(set(a) & set(b)):
+        digests: dict[str, str] = {}
+        for p in a[size]:
+            try:
+                digests.setdefault(sha256_file(p), p)
+            except OSError:
+                pass
+        for p in b[size]:
+            try:
+                h = sha256_file(p)
+            except OSError:
+                continue
+            if h in digests:
+                found.append(f"training image '{digests[h]}' and evaluation image '{p}' have identical contents "
+                             f"(sha256 {h[:12]}); a copy of a test image in training inflates the metrics. "
+                             f"Remove one of them.")
+    _report(problems, found)
+
+
 def _records(items: list[_Item], order: list[str] | None = None) -> ImageRecords:
     return records_from_pairs([it.path for it in items], [it.cls for it in items], order=order)
 
@@ -506,6 +653,7 @@ def build_splits(cfg, check_images: str = "header", with_test: bool = True) -> S
     raw.layout = raw.layout or _LAYOUTS.get(kind, "")
     problems: list[str] = []
     _report(problems, raw.problems)
+    _check_duplicates(raw)
     where = f"{kind} dataset at '{raw.root}'"
     by_class = bool(raw.items) and raw.items[0].split is None
     if by_class:  # split by class: the listed classes, in sorted order
@@ -562,8 +710,10 @@ def build_splits(cfg, check_images: str = "header", with_test: bool = True) -> S
             raise DataError(msg + ".")
         _report(problems, [msg + " (kept: the sampler repeats the image with augmentation)."])
 
-    return Splits(train=train, test=test, query=query, gallery=gallery, val=val, problems=problems,
-                  name=kind, root=raw.root)
+    splits = Splits(train=train, test=test, query=query, gallery=gallery, val=val, problems=problems,
+                    name=kind, root=raw.root)
+    _warn_same_content(splits, problems)
+    return splits
 
 
 def _assign_split_by_class(items: list[_Item], train_ratio: float, where: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -11,6 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from promptdml.config import Config, from_dict, to_dict
+from promptdml.errors import CorruptFileError
+from promptdml.files import atomic_write
 from promptdml.models import PromptDMLModel, create_model
 
 CHECKPOINT_NAME = "model.safetensors"
@@ -19,15 +20,10 @@ FORMAT = "promptdml/1"
 
 def save_checkpoint(model: PromptDMLModel, cfg: Config, path: str | Path, class_names: list[str] | None = None) -> Path:
     """Write the trainable state + container as safetensors, config in the metadata; atomic (temp + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.trainable_state().items()}
     meta = {"format": FORMAT, "config": json.dumps(to_dict(cfg)), "num_classes": str(model.num_classes),
             "class_names": json.dumps(class_names or [])}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def _checkpoint_file(path: str | Path) -> Path:
@@ -43,12 +39,24 @@ def _checkpoint_file(path: str | Path) -> Path:
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dict[str, str]]:
     """(tensors, config, metadata) of a checkpoint file or run directory."""
     file = _checkpoint_file(path)
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"'{file}' is not a promptdml checkpoint (format {meta.get('format')!r})")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    cfg = from_dict(json.loads(meta["config"]), where=str(file))
+    fix = ("it is written at the end of `promptdml train`; train again, or use checkpoints/best.safetensors "
+           "if the run has one")
+    if file.stat().st_size == 0:
+        raise CorruptFileError(f"checkpoint '{file}' is empty (0 bytes); {fix}")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise CorruptFileError(f"'{file}' is not a promptdml checkpoint (format {meta.get('format')!r})")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        config = json.loads(meta["config"])
+        int(meta["num_classes"])
+    except CorruptFileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors / json raise their own error types
+        raise CorruptFileError(f"checkpoint '{file}' cannot be read ({type(e).__name__}: {e}): truncated or "
+                               f"corrupt; {fix}") from None
+    cfg = from_dict(config, where=str(file))
     return tensors, cfg, meta
 
 
@@ -61,5 +69,8 @@ def load_model(path: str | Path, cfg: Config | None = None, device: str | torch.
     tensors, stored, meta = read_checkpoint(path)
     cfg = cfg or stored
     model = create_model(cfg.model, int(meta["num_classes"]))
-    model.load_trainable_state(tensors)
+    try:
+        model.load_trainable_state(tensors)
+    except ValueError as e:
+        raise CorruptFileError(f"checkpoint '{_checkpoint_file(path)}' does not match the model of its config: {e}") from None
     return model.to(device).eval(), cfg

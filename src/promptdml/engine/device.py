@@ -8,21 +8,44 @@ import random
 import numpy as np
 import torch
 
+from promptdml.config import check_device_name
+from promptdml.errors import ConfigError
+
+
+def available_devices() -> list[str]:
+    """The devices that exist here: ``cpu``, ``cuda:0`` ... and ``mps``."""
+    out = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        out.append("mps")
+    return out
+
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; an explicit unavailable device is an error."""
+    """``auto`` picks CUDA, then MPS, then CPU; a malformed or unavailable device is a :class:`ConfigError` that
+    lists the devices that exist."""
+    name = str(name).strip()
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but CUDA is not available here; use train.device=auto or cpu")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError(f"train.device={name} but MPS is not available here; use train.device=auto or cpu")
-    return dev
+    check_device_name(name, "device")
+    here = available_devices()
+    listed = ", ".join(["auto"] + here)
+    if name.startswith("cuda"):
+        count = len([d for d in here if d.startswith("cuda")])
+        if count == 0:
+            raise ConfigError(f"device '{name}' requested but CUDA is not available here; available: {listed}. Use "
+                              f"--device auto (or set train.device=auto / cpu).")
+        index = int(name.split(":", 1)[1]) if ":" in name else 0
+        if index >= count:
+            raise ConfigError(f"device '{name}' does not exist: this machine has {count} CUDA device(s); available: "
+                              f"{listed}")
+    if name == "mps" and "mps" not in here:
+        raise ConfigError(f"device 'mps' requested but Apple MPS is not available here; available: {listed}. Use "
+                          f"--device auto.")
+    return torch.device(name)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from promptdml.engine.device import resolve_device
+from promptdml.errors import DistributedError
 
 log = logging.getLogger("promptdml")
 
@@ -48,8 +49,6 @@ __all__ = ["DistContext", "SINGLE", "init_distributed", "env_world_size", "env_r
            "build_sharded_train_loader", "DistributedError"]
 
 
-class DistributedError(RuntimeError):
-    """The distributed setup is inconsistent (message says what to change)."""
 
 
 def env_world_size() -> int:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
 from promptdml.config import Config, ModelConfig
+from promptdml.files import atomic_write_text
 from promptdml.models.backbone import resolve_weights_file
 
 
@@ -67,11 +69,11 @@ def write_model_card(run_dir: Path, cfg: Config, summary: dict[str, Any], class_
 {best_line}
 ## Reproduce
 
+Train again into a new run directory next to this one (this run is never overwritten), and evaluate this run:
+
 ```bash
-promptdml train --config {run_dir / 'config.yaml'}
-promptdml evaluate --run {run_dir}
+promptdml train --config {shlex.quote(str(run_dir.absolute() / 'config.yaml'))} --output-dir {shlex.quote(str(run_dir.absolute().parent))} --name {shlex.quote(run_dir.name + '-reproduced')}
+promptdml evaluate --run {shlex.quote(str(run_dir.absolute()))}
 ```
 """
-    path = run_dir / "README.md"
-    path.write_text(text)
-    return path
+    return atomic_write_text(run_dir / "README.md", text)

@@ -13,14 +13,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from promptdml.config import Config, save_config
+from promptdml.config import Config, ConfigError, save_config
 from promptdml.data import Splits, build_splits, build_transforms
 from promptdml.engine.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from promptdml.engine.device import autocast, make_grad_scaler, resolve_precision, seed_everything
@@ -39,6 +39,15 @@ from promptdml.engine.distributed import (
 from promptdml.engine.evaluator import class_means, embed_records, evaluate
 from promptdml.engine.model_card import write_model_card
 from promptdml.engine.plots import plot_history
+from promptdml.engine.rundir import (
+    RunLock,
+    backbone_fingerprint,
+    check_run_dir,
+    compare_fingerprints,
+    data_fingerprint,
+    prepare_run_dir,
+    run_dir_of,
+)
 from promptdml.engine.state import (
     LAST,
     RESUME_DIR,
@@ -47,6 +56,8 @@ from promptdml.engine.state import (
     rng_state,
     set_rng_state,
 )
+from promptdml.errors import BackboneError, DataError, TrainingError
+from promptdml.files import atomic_write_text
 from promptdml.losses import build_loss
 from promptdml.metrics import mean_pairwise_cosine
 from promptdml.models import PromptDMLModel, count_parameters, create_model, format_parameter_report
@@ -70,10 +81,6 @@ together in the first epoch (0.94-0.99) unless ``optim.head_warmup_epochs`` hold
 out later (by epoch 3, or only at epochs 7-9), failed runs stayed at 0.96-0.99 for all 15 epochs and ended below the
 frozen features."""
 EMBEDDING_COLLAPSE_EPOCH = 3
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue; the message says why and what to change."""
 
 
 @dataclass
@@ -119,11 +126,32 @@ def build_schedulers(optimizers: tuple[torch.optim.Optimizer, ...], cfg: Config)
             for opt in optimizers]
 
 
-def make_run_dir(cfg: Config) -> Path:
-    name = cfg.train.run_name or f"{cfg.data.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.train.output_dir) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
+def make_run_dir(cfg: Config, overwrite: bool = False) -> Path:
+    """Create the run directory of ``cfg`` (refused when it holds a previous run, unless ``overwrite``)."""
+    run_dir = run_dir_of(cfg)
+    prepare_run_dir(run_dir, overwrite).release()
     return run_dir
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Store ``data.root`` and ``model.backbone.weights`` as absolute paths, so that the run's config works from
+    any folder (``promptdml evaluate --run``, ``search``, the model card's commands)."""
+    for key in ("root",):
+        value = getattr(cfg.data, key)
+        if str(value).strip():
+            setattr(cfg.data, key, str(Path(value).expanduser().absolute()))
+    if str(cfg.model.backbone.weights).strip():
+        cfg.model.backbone.weights = str(Path(cfg.model.backbone.weights).expanduser().absolute())
+    return cfg
+
+
+def _warn_small_classes(train: Any, k: int) -> None:
+    counts = train.class_counts()
+    small = [train.class_names[c] for c in np.flatnonzero(counts < k)]
+    if small:
+        log.warning("%d of %d training classes have fewer than data.samples_per_class=%d images (e.g. %s): the "
+                    "sampler repeats their images within a batch. Lower data.samples_per_class or add images.",
+                    len(small), train.num_classes, k, ", ".join(small[:5]))
 
 
 class Trainer:
@@ -140,9 +168,15 @@ class Trainer:
     _stop_agreed = False
 
     def __init__(self, cfg: Config, splits: Splits | None = None, run_dir: Path | None = None,
-                 echo: Callable[[str], None] = print, resume: bool = False) -> None:
-        self.cfg = cfg
+                 echo: Callable[[str], None] = print, resume: bool = False, overwrite: bool = False,
+                 resume_anyway: bool = False, dry: bool = False) -> None:
+        self.cfg = absolute_paths(cfg)
+        self._lock: RunLock | None = None
         self.dist, self.device = init_distributed(cfg.train.device)
+        planned = Path(run_dir).absolute() if run_dir is not None else None
+        if self.dist.is_main:  # refuse a used run directory before building anything
+            planned = planned or run_dir_of(cfg)
+            check_run_dir(planned, overwrite, resume)
         if not self.dist.is_main:  # other ranks stay quiet: no echo, no progress bars, only errors logged
             echo = _quiet
             log.setLevel(logging.ERROR)
@@ -154,7 +188,10 @@ class Trainer:
         self.dtype = resolve_precision(cfg.train.precision, self.device)
         self.splits = splits if splits is not None else build_splits(cfg.data)
         train = self.splits.train
-        self.model = create_model(cfg.model, train.num_classes).to(self.device)
+        _warn_small_classes(train, cfg.data.samples_per_class)
+        model = create_model(cfg.model, train.num_classes)
+        self.fingerprint = {"data": data_fingerprint(self.splits), "backbone": backbone_fingerprint(cfg)}
+        self.model = model.to(self.device)
         if not resume:
             self._init_from_data()
         self.loss_fn = build_loss(cfg.loss)
@@ -167,10 +204,10 @@ class Trainer:
         self.loader = build_sharded_train_loader(train, transform, d.batch_size, d.samples_per_class,
                                                  d.batches_per_epoch or None, cfg.train.seed, d.num_workers,
                                                  self.device.type, self.dist)
-        if run_dir is None:  # rank 0 names the run (a timestamp) and creates it; the others use that name
-            run_dir = broadcast_object(make_run_dir(cfg) if self.dist.is_main else None, self.dist)
-        self.run_dir = Path(run_dir)
-        if self.dist.is_main:
+        if self.dist.is_main and not dry:  # rank 0 names the run (a timestamp), creates and locks it
+            self._lock = prepare_run_dir(planned, overwrite, resume)
+        self.run_dir = Path(broadcast_object(str(planned) if self.dist.is_main else None, self.dist))
+        if self.dist.is_main and not dry:
             save_config(cfg, self.run_dir / "config.yaml")
         self.history: list[dict[str, float]] = []
         self.skipped_steps = 0
@@ -184,8 +221,11 @@ class Trainer:
         self.train_seconds = 0.0
         self._stop_signal: int | None = None
         self._tb = None
+        self.eval_report: dict[str, Any] = {}
         if resume:  # every rank reads checkpoints/last.pt (a shared file system across nodes)
-            self.load_state(load_resume_state(self.run_dir))
+            state = load_resume_state(self.run_dir)
+            self._check_resume(state, resume_anyway)
+            self.load_state(state)
         if self.dist.enabled:
             check_replicas_equal(self.model.trainable_state(), self.dist, "initial trainable state")
 
@@ -224,11 +264,35 @@ class Trainer:
             self.echo("initialised from the training images: " + ", ".join(done))
 
     # ---------------------------------------------------------------------------------------------
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        """One optimisation step; returns the loss (NaN if the step was skipped)."""
+    def check(self) -> str:
+        """Dry run (``promptdml train --check``): one training batch forward and backward (no update) and one
+        evaluation batch; returns a short report. Nothing is written."""
+        images, labels, _ = next(iter(self.loader))
+        loss, _, _ = self._forward_loss(images.to(self.device), labels.to(self.device))
+        if not torch.isfinite(loss):
+            raise TrainingError(f"the loss of the first training batch is {loss.item()}; lower optim.lr or use "
+                                f"train.precision=fp32")
+        self.scaler.scale(loss).backward()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        records = self.splits.test if self.splits.test is not None else self.splits.gallery
+        assert records is not None
+        first = records.subset(range(min(len(records), self.cfg.eval.batch_size)))
+        emb = embed_records(self.model, first, self.cfg, self.device, self.dtype)
+        lines = [f"{name}: {rec.summary()}" for name, rec in self.splits.named_splits()]
+        lines += [f"problems: {len(self.splits.problems)} (see `promptdml data check`)" if self.splits.problems
+                  else "problems: none",
+                  f"model: {self.cfg.model.backbone.name} @ {self.cfg.model.backbone.img_size}px on {self.device}, "
+                  f"{count_parameters(self.model)['trainable']:,} trainable parameters",
+                  f"one training batch of {labels.numel()} images: loss {loss.item():.4f}; one evaluation batch of "
+                  f"{emb.shape[0]} images: {emb.shape[1]}-d embeddings",
+                  f"run directory (not created by --check): {self.run_dir}",
+                  "check passed: the config builds and runs; drop --check to train"]
+        return "\n".join(lines)
+
+    def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """The loss of one batch (global under distributed training), the model output and the embeddings."""
         cfg, model, ctx = self.cfg, self.model, self.dist
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
         gather = None
         if ctx.enabled:  # all ranks' classes and container rows (with their graph) for the global proxies
 
@@ -246,6 +310,14 @@ class Trainer:
             loss = self.loss_fn(embeddings, labels, p.proxies)
         else:
             loss = self.loss_fn(embeddings, labels, p.batch_proxies, p.batch_classes)
+        return loss, out, embeddings
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """One optimisation step; returns the loss (NaN if the step was skipped)."""
+        cfg, model, ctx = self.cfg, self.model, self.dist
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        loss, out, embeddings = self._forward_loss(images, labels)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
@@ -339,12 +411,45 @@ class Trainer:
         return self._stop_agreed if self.dist.enabled else self._stop_signal is not None
 
     def evaluate(self, split: str = "test", frozen_features: bool = False) -> dict[str, float]:
-        return evaluate(self.model, self.splits, self.cfg, self.device, self.dtype, split,
-                        progress=self.cfg.train.progress and self.dist.is_main, frozen_features=frozen_features,
-                        dist=self.dist)
+        report: dict[str, Any] = {}
+        metrics = evaluate(self.model, self.splits, self.cfg, self.device, self.dtype, split,
+                           progress=self.cfg.train.progress and self.dist.is_main, frozen_features=frozen_features,
+                           dist=self.dist, report=report)
+        self.eval_report[split] = report.get("unreadable", [])
+        return metrics
+
+    def _check_resume(self, state: dict[str, Any], anyway: bool) -> None:
+        """Refuse to continue a run on other data or another backbone (``anyway``: warn and try)."""
+        saved = state.get("fingerprint")
+        if saved is None:
+            log.warning("the resume state of %s has no data fingerprint (an older promptdml); cannot check that the "
+                        "data and backbone are unchanged", self.run_dir)
+            return
+        diffs = compare_fingerprints(saved, self.fingerprint)
+        if diffs:
+            text = "; ".join(diffs)
+            if not anyway:
+                raise TrainingError(
+                    f"cannot resume '{self.run_dir}': the data or backbone differ from the run's: {text}. Point "
+                    f"at the original files (--data-root DIR, --weights FILE), or pass --resume-anyway to continue "
+                    f"on the changed data.")
+            log.warning("resuming %s on changed data/backbone (--resume-anyway): %s", self.run_dir, text)
+        saved_classes = len(saved.get("data", {}).get("train_class_names", []))
+        if saved_classes and saved_classes != self.splits.train.num_classes:
+            raise TrainingError(
+                f"cannot resume '{self.run_dir}': it was trained on {saved_classes} training classes, the data now "
+                f"has {self.splits.train.num_classes}; the proxies and class prompts cannot be carried over. Start a "
+                f"new run (another --name, or --overwrite).")
+
+    def release(self) -> None:
+        """Release the run directory's lock (the run is finished or stopped)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def close(self) -> None:
-        """Leave the process group if this trainer created it (end of a distributed run)."""
+        """Release the run directory and leave the process group if this trainer created it."""
+        self.release()
         self.dist.close()
 
     def fit(self, evaluate_before: bool | None = None,
@@ -359,6 +464,13 @@ class Trainer:
         Splits built without the test split (``build_splits(..., with_test=False)``) train and select on the
         validation split only: the test metrics are empty and nothing is evaluated on test.
         """
+        try:
+            return self._fit(evaluate_before, on_epoch)
+        finally:
+            self.release()
+
+    def _fit(self, evaluate_before: bool | None = None,
+             on_epoch: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
         cfg = self.cfg
         reset_peak_memory(self.device)  # this run's peak, even when several runs share one process
         counts = count_parameters(self.model)
@@ -394,6 +506,7 @@ class Trainer:
             self.dist.barrier()
             return TrainResult(self.run_dir, metrics, self.history, self.before)
         save_checkpoint(self.model, cfg, self.run_dir / CHECKPOINT_NAME, self.splits.train.class_names)
+        unreadable = [d for split in ("test", "val") for d in self.eval_report.get(split, [])]
         summary: dict[str, Any] = {
             "test": metrics, "before_training_frozen_features": self.before,
             "train_seconds": self.train_seconds, "epochs": cfg.train.epochs,
@@ -402,6 +515,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "precision": str(self.dtype).replace("torch.", "") if self.dtype else "fp32",
             "peak_memory_mb": _peak_memory_mb(self.device),
+            "unreadable_eval_images": unreadable,
         }
         val = {k[4:]: v for k, v in self.history[-1].items() if k.startswith("val_")} if self.history else {}
         if val:
@@ -409,7 +523,7 @@ class Trainer:
         if self.best:
             summary["best"] = {"epoch": self.best["epoch"], "selected_by": f"val_{cfg.eval.select_metric}",
                                "value": self.best["value"]}
-        (self.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(self.run_dir / "metrics.json", json.dumps(summary, indent=2))
         test = self.splits.test
         write_model_card(self.run_dir, cfg, summary, self.splits.train.num_classes,
                          test.num_classes if test is not None else None)
@@ -474,6 +588,32 @@ class Trainer:
         last = epoch == cfg.train.epochs
         scheduled = bool(cfg.eval.every) and epoch % cfg.eval.every == 0
         metrics: dict[str, float] = {}
+        if last and self.dist.is_main:  # the trained model is safe before the final evaluation
+            save_checkpoint(self.model, cfg, self.run_dir / CHECKPOINT_NAME, self.splits.train.class_names)
+        try:
+            metrics = self._evaluate_epoch(row, epoch, scheduled, last)
+        except (TrainingError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            if not last:
+                raise
+            raise TrainingError(
+                f"training finished, but the final evaluation failed: {e}. The trained model is saved in "
+                f"{self.run_dir / CHECKPOINT_NAME}; fix the cause and evaluate it with `promptdml evaluate --run "
+                f"{self.run_dir}`.") from e
+        self.history.append(row)
+        if self.dist.is_main:
+            self._write_log(row)
+        self.echo(f"epoch {epoch}/{cfg.train.epochs}  loss {row['loss']:.4f}  {row['epoch_seconds']:.1f}s  "
+                  f"{row['images_per_second']:.1f} img/s  proxy cos {row['proxy_cos']:.2f}  emb cos {row['embedding_cos']:.2f}"
+                  + (f"  | {format_metrics(metrics)}" if metrics else ""))
+        self._warn_collapse(row)
+        self.save_state()
+        return metrics
+
+    def _evaluate_epoch(self, row: dict[str, float], epoch: int, scheduled: bool, last: bool) -> dict[str, float]:
+        cfg = self.cfg
+        metrics: dict[str, float] = {}
         if self.splits.val is not None and (scheduled or last or not cfg.eval.every):
             val = self.evaluate("val")
             row.update({f"val_{k}": v for k, v in val.items()})
@@ -486,14 +626,6 @@ class Trainer:
         if (scheduled or last) and self.splits.has_test:
             metrics = self.evaluate("test")  # reported only; never used for selection
             row.update({f"test_{k}": v for k, v in metrics.items()})
-        self.history.append(row)
-        if self.dist.is_main:
-            self._write_log(row)
-        self.echo(f"epoch {epoch}/{cfg.train.epochs}  loss {row['loss']:.4f}  {row['epoch_seconds']:.1f}s  "
-                  f"{row['images_per_second']:.1f} img/s  proxy cos {row['proxy_cos']:.2f}  emb cos {row['embedding_cos']:.2f}"
-                  + (f"  | {format_metrics(metrics)}" if metrics else ""))
-        self._warn_collapse(row)
-        self.save_state()
         return metrics
 
     def _warn_collapse(self, row: dict[str, float]) -> None:
@@ -531,7 +663,7 @@ class Trainer:
             "rng": rng_state(),
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "history": self.history, "skipped_steps": self.skipped_steps, "best": self.best,
-            "before": self.before, "train_seconds": self.train_seconds,
+            "before": self.before, "train_seconds": self.train_seconds, "fingerprint": self.fingerprint,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -662,23 +794,57 @@ def format_metrics(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
-def train(cfg: Config, echo: Callable[[str], None] = print, evaluate_before: bool | None = None) -> TrainResult:
-    """Train ``cfg`` end to end and write its run directory (data-parallel under torchrun)."""
-    trainer = Trainer(cfg, echo=echo)
+def train(cfg: Config, echo: Callable[[str], None] = print, evaluate_before: bool | None = None,
+          overwrite: bool = False) -> TrainResult:
+    """Train ``cfg`` end to end and write its run directory (data-parallel under torchrun).
+
+    A run directory that already holds a run is refused unless ``overwrite`` (which empties it first)."""
+    trainer = Trainer(cfg, echo=echo, overwrite=overwrite)
     try:
         return trainer.fit(evaluate_before)
     finally:
         trainer.close()
 
 
-def resume(run_dir: str | Path, echo: Callable[[str], None] = print) -> TrainResult:
-    """Continue the run in ``run_dir`` from its last saved state (same config, same data)."""
-    from promptdml.config import load_config
+RESUME_KEYS = ("model.backbone.weights", "data.root", "train.device", "data.num_workers", "train.progress")
+"""Config keys that may change when a run is resumed (files that moved, another machine); nothing else does."""
+
+
+def resume(run_dir: str | Path, echo: Callable[[str], None] = print, overrides: dict[str, Any] | None = None,
+           resume_anyway: bool = False) -> TrainResult:
+    """Continue the run in ``run_dir`` from its last intact saved state (same config, same data).
+
+    ``overrides`` may set the :data:`RESUME_KEYS` (e.g. a moved weights file or data root). The data and the
+    backbone are checked against the fingerprint saved with the run; ``resume_anyway`` continues on a
+    mismatch (with a warning)."""
+    from promptdml.config import load_config, set_key
 
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    trainer = Trainer(cfg, run_dir=run_dir, echo=echo, resume=True)
+    if not (run_dir / "config.yaml").is_file():
+        raise TrainingError(f"nothing to resume in '{run_dir}': no config.yaml there. Pass a run directory "
+                            f"written by `promptdml train`.")
+    cfg = load_config(run_dir / "config.yaml", validate=False)
+    for key, value in (overrides or {}).items():
+        if key not in RESUME_KEYS:
+            raise ConfigError(f"{key} cannot change when a run is resumed (only {', '.join(RESUME_KEYS)})")
+        set_key(cfg, key, value)
+    cfg.validate()
+    try:
+        trainer = Trainer(cfg, run_dir=run_dir, echo=echo, resume=True, resume_anyway=resume_anyway)
+    except (DataError, BackboneError) as e:
+        raise type(e)(f"{e}\nResuming '{run_dir}': if its data or weights moved, pass --data-root DIR / --weights "
+                      f"FILE with --resume.") from None
     try:
         return trainer.fit()
+    finally:
+        trainer.close()
+
+
+def check(cfg: Config, echo: Callable[[str], None] = print, overwrite: bool = False) -> str:
+    """``promptdml train --check``: build the data, the model and one batch of each kind without training or
+    writing anything; returns the report (raises the error a real run would hit first)."""
+    trainer = Trainer(cfg, echo=echo, overwrite=overwrite, dry=True)
+    try:
+        return trainer.check()
     finally:
         trainer.close()

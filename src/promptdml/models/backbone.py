@@ -9,7 +9,10 @@ the prefix tokens before each block and dropped after it (VPT-deep).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,13 +22,14 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from promptdml.config import BackboneConfig
+from promptdml.errors import BackboneError, CorruptFileError
+
+log = logging.getLogger("promptdml")
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 WEIGHTS_ENV = "PROMPTDML_WEIGHTS"
 
 
-class BackboneError(RuntimeError):
-    """The backbone could not be built or its weights could not be loaded; the message says why."""
 
 
 def _architecture(name: str) -> str:
@@ -64,34 +68,123 @@ def resolve_weights_file(cfg: BackboneConfig) -> Path | None:
     return path
 
 
+SUPPORTED_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
+SUPPORTED_FAMILIES = ("timm VisionTransformer models: vit_* (AugReg, DINOv2 vit_*_dinov2, CLIP, registers vit_*_reg*, "
+                      "SigLIP ...), deit_* and deit3_* (timm.list_models('vit_*'))")
+
+
+def check_architecture(name: str) -> None:
+    """Refuse names timm does not know and models outside the supported ViT family, before building anything."""
+    arch = _architecture(name)
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:5] if arch else []
+        hint = f" Similar names: {', '.join(close)}." if close else ""
+        raise BackboneError(f"timm does not know the model '{name}' (model.backbone.name).{hint} List names with "
+                            f"timm.list_models('vit_*', pretrained=True).")
+    module = timm.models.model_entrypoint(arch).__module__
+    if module not in SUPPORTED_MODULES:
+        raise BackboneError(f"model.backbone.name='{name}' is not a plain Vision Transformer (timm module "
+                            f"'{module.rsplit('.', 1)[-1]}'); promptdml inserts "
+                            f"prompt tokens into plain Vision Transformer blocks and supports only {SUPPORTED_FAMILIES}.")
+
+
+def _check_weights_file(path: Path) -> None:
+    """Cheap readability check of a local weights file: not empty, and a safetensors header that parses."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise BackboneError(f"cannot read weights file '{path}': {e.strerror or e}") from None
+    if size == 0:
+        raise CorruptFileError(f"weights file '{path}' is empty (0 bytes); download it again or pass another "
+                               f"file with --weights FILE")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+                if keys:  # reading the last tensor catches a file cut short
+                    f.get_slice(keys[-1])[...]
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise CorruptFileError(f"weights file '{path}' is not a readable safetensors file ({e}): truncated or "
+                                   f"corrupt. Download it again or pass another file with --weights FILE.") from None
+
+
+@contextlib.contextmanager
+def _recording_loads(results: list[tuple[list[str], list[str]]]):
+    """Record (missing, unexpected) keys of timm's pretrained-weights load (timm itself only logs them)."""
+    import timm.models._builder as builder
+
+    original = builder.load_pretrained
+
+    def load_pretrained(model, *args, **kwargs):
+        inner = model.load_state_dict
+
+        def load_state_dict(state_dict, strict=True, *a, **kw):
+            result = inner(state_dict, strict, *a, **kw)
+            results.append((list(result.missing_keys), list(result.unexpected_keys)))
+            return result
+
+        model.load_state_dict = load_state_dict
+        try:
+            return original(model, *args, **kwargs)
+        finally:
+            del model.load_state_dict
+
+    builder.load_pretrained = load_pretrained
+    try:
+        yield
+    finally:
+        builder.load_pretrained = original
+
+
+def _listing(keys: list[str], n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
 def create_backbone(cfg: BackboneConfig) -> nn.Module:
-    """A timm ViT with ``num_classes=0`` at ``cfg.img_size``, weights loaded, all parameters frozen."""
+    """A timm ViT with ``num_classes=0`` at ``cfg.img_size``, weights loaded, all parameters frozen.
+
+    The weights must provide every tensor of the backbone (names and shapes): a file that lacks some is
+    refused with the list of what is missing (and what it holds instead).
+    """
+    check_architecture(cfg.name)
     kwargs: dict = dict(num_classes=0, img_size=cfg.img_size)
     if cfg.depth:
         kwargs["depth"] = cfg.depth
     weights = resolve_weights_file(cfg) if cfg.pretrained else None
     if weights is not None:
+        _check_weights_file(weights)
         overlay = dict(file=str(weights))
         if weights.suffix == ".npz":
             overlay["custom_load"] = True
         kwargs["pretrained_cfg_overlay"] = overlay
+    loads: list[tuple[list[str], list[str]]] = []
+    source = f"weights file '{weights}'" if weights is not None else f"the hub weights of '{cfg.name}'"
     try:
-        model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **kwargs)
+        with _recording_loads(loads):
+            model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **kwargs)
     except RuntimeError as e:  # state-dict mismatch raised by load_state_dict
+        text = str(e)
         if weights is None:
-            raise
-        msg = str(e).strip().splitlines()
+            raise BackboneError(f"could not build '{cfg.name}': {text.splitlines()[0] if text else e}") from None
+        if "size mismatch" not in text and "state_dict" not in text:
+            raise CorruptFileError(f"could not read weights file '{weights}' ({text.splitlines()[0] if text else e}): "
+                                   f"truncated or corrupt? Download it again or pass another file with "
+                                   f"--weights FILE.") from None
+        msg = text.strip().splitlines()
         detail = "\n  ".join(msg[:6]) + ("\n  ..." if len(msg) > 6 else "")
         raise BackboneError(
             f"weights file '{weights}' does not fit architecture '{cfg.name}':\n  {detail}\n"
             f"Pass weights of '{_architecture(cfg.name)}' or set model.backbone.name to the architecture the "
             "file was saved from.") from None
-    except (OSError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError, EOFError, pickle.UnpicklingError) as e:
         if "Unknown model" in str(e) or "Invalid pretrained tag" in str(e):
             raise BackboneError(f"timm does not know the model '{cfg.name}': {e}. "
                                 "List names with timm.list_models('vit_*', pretrained=True).") from None
         if weights is not None:
-            raise BackboneError(f"could not read weights file '{weights}': {e}") from None
+            raise CorruptFileError(f"could not read weights file '{weights}' ({type(e).__name__}: {e}): truncated "
+                                   f"or corrupt? Download it again or pass another file with --weights FILE.") from None
         raise BackboneError(
             f"could not fetch pretrained weights for '{cfg.name}' from the model hub ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}). Offline? Pass a local weights file with "
@@ -102,11 +195,27 @@ def create_backbone(cfg: BackboneConfig) -> nn.Module:
                 f"could not fetch pretrained weights for '{cfg.name}' from the model hub ({type(e).__name__}). "
                 f"Offline? Pass a local weights file with --weights FILE (or set model.backbone.weights, or "
                 f"${WEIGHTS_ENV}=FILE_OR_FOLDER).") from None
+        if weights is not None:
+            raise CorruptFileError(f"could not read weights file '{weights}' ({type(e).__name__}: {e}): truncated "
+                                   f"or corrupt? Download it again or pass another file with --weights FILE.") from None
         raise
+    if cfg.pretrained and loads:
+        missing, unexpected = loads[-1]
+        if missing:
+            extra = f" It holds {len(unexpected)} tensor(s) the model does not use: {_listing(unexpected)}." \
+                if unexpected else ""
+            raise BackboneError(
+                f"{source}: {len(missing)} of the tensors that '{cfg.name}'"
+                f"{f' (depth {cfg.depth})' if cfg.depth else ''} needs are missing: {_listing(missing)}.{extra} Training on it "
+                f"would use a partly random backbone. Pass a complete weights file of '{_architecture(cfg.name)}' "
+                f"(--weights FILE), or set model.backbone.name to the architecture the file was saved from.")
+        if unexpected:
+            log.warning("%s hold %d tensor(s) that '%s' does not use (ignored): %s", source, len(unexpected),
+                        cfg.name, _listing(unexpected))
     for attr in ("patch_embed", "blocks", "_pos_embed", "norm", "num_prefix_tokens"):
         if not hasattr(model, attr):
             raise BackboneError(f"'{cfg.name}' is not a timm VisionTransformer (missing '{attr}'); "
-                                "promptdml supports the timm ViT family (vit_*, deit_*, dinov2 ViTs).")
+                                f"promptdml supports {SUPPORTED_FAMILIES}.")
     model.requires_grad_(False)
     model.eval()
     return model

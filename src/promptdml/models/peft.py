@@ -24,10 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from promptdml.config import AdapterConfig, LoRAConfig
-
-
-class MergeError(RuntimeError):
-    """The requested weights cannot be folded into the backbone."""
+from promptdml.errors import MergeError
 
 
 class ParallelAdapter(nn.Module):

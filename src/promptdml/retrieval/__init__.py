@@ -18,10 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-
-class RetrievalError(ValueError):
-    """Bad input to embed / index / search / export; the message names the file and says how to fix it."""
-
+from promptdml.errors import RetrievalError
 
 _LAZY = {
     "Embedder": "promptdml.retrieval.embedder",

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from promptdml.retrieval import RetrievalError
+
+MIN_OPSET, MAX_OPSET = 14, 23
+"""ONNX opsets accepted by ``promptdml export --opset`` (the attention graph needs opset 14 or later)."""
 
 __all__ = ["register", "cmd_embed", "cmd_index_build", "cmd_search", "cmd_export"]
 
@@ -44,13 +48,49 @@ def _load(args: argparse.Namespace):
 
 
 # ------------------------------------------------------------------------------------------------ embed
+def _check_writable(out: Path) -> None:
+    """Fail before any work when ``out`` cannot be written (read-only folder, a folder in its place, ...)."""
+    from promptdml.errors import WriteError
+    from promptdml.files import ensure_dir, os_reason
+
+    if out.is_dir():
+        raise WriteError(f"--out '{out}' is a folder; give a file name, e.g. {out / 'embeddings.safetensors'}")
+    ensure_dir(out.parent)
+    probe = out.with_name(out.name + ".tmp")
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise WriteError(f"cannot write '{out}': {os_reason(e)}. Choose a writable --out.") from None
+
+
+def _save_keeping_work(out: Path, *args: Any, **kwargs: Any) -> list[Path]:
+    """``save_embeddings``; if the write fails at the end, keep the work in the temp folder and say where."""
+    import tempfile
+
+    from promptdml.errors import WriteError
+    from promptdml.retrieval.store import save_embeddings
+
+    try:
+        return save_embeddings(out, *args, **kwargs)
+    except OSError as e:
+        keep = Path(tempfile.gettempdir()) / f"promptdml-embed-{os.getpid()}{out.suffix}"
+        try:
+            save_embeddings(keep, *args, **kwargs)
+        except OSError as e2:
+            raise WriteError(f"{e}; keeping the embeddings in '{keep}' failed too ({e2})") from None
+        raise WriteError(f"{e}. The embeddings are kept in '{keep}' (nothing is lost): move it into place, e.g. "
+                         f"mv {keep} {out}") from None
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from promptdml.retrieval.embedder import list_images
-    from promptdml.retrieval.store import _check_suffix, errors_file, save_embeddings
+    from promptdml.retrieval.store import _check_suffix, errors_file
 
     out = Path(args.out)
     _check_suffix(out)  # fail before loading the model
-    paths = list_images(args.images)
+    _check_writable(out)
+    paths = [os.path.abspath(p) for p in list_images(args.images)]  # stored absolute: usable from any folder
     if not paths:
         raise RetrievalError("no input images (give folders, image files or .txt lists of paths to --images)")
     embedder = _load(args)
@@ -59,7 +99,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
         _err(f"warning: skipped unreadable image {path}: {reason}")
     if not result.paths:
         raise RetrievalError(f"none of the {len(paths)} input images could be read (see the warnings above)")
-    written = save_embeddings(out, result.embeddings, result.paths, result.errors, embedder.describe())
+    labels = [Path(p).parent.name for p in result.paths] if args.labels_from_folder else None
+    written = _save_keeping_work(out, result.embeddings, result.paths, result.errors, embedder.describe(),
+                                 labels=labels)
     print(f"embedded {len(result.paths)} images -> {result.embeddings.shape[0]} x {result.embeddings.shape[1]} "
           f"embeddings: {', '.join(str(w) for w in written)}")
     if result.errors:
@@ -73,10 +115,10 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from promptdml.retrieval.store import load_embeddings
 
     data = load_embeddings(args.embeddings)
-    info = {"embeddings_file": str(args.embeddings), "source": data.info}
+    info = {"embeddings_file": str(Path(args.embeddings).absolute()), "source": data.info}
     index = build_index(data.embeddings, data.paths, args.type, nlist=args.nlist, nprobe=args.nprobe, m=args.M,
                         ef_construction=args.ef_construction, ef_search=args.ef_search,
-                        recall_queries=args.recall_queries, seed=args.seed, info=info)
+                        recall_queries=args.recall_queries, seed=args.seed, info=info, labels=data.labels)
     path = index.save(args.out)
     params = ", ".join(f"{k}={v}" for k, v in index.params.items())
     print(f"{index.kind} index of {len(index)} x {index.dim} embeddings{' (' + params + ')' if params else ''} "
@@ -95,8 +137,12 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise RetrievalError(f"-k must be >= 1, got {args.k}")
+    if args.thumb_size < 16:
+        raise RetrievalError(f"--thumb-size must be >= 16 pixels, got {args.thumb_size}")
     index = load_index(args.index)
-    queries = list_images(args.query)
+    if args.k > len(index):
+        _err(f"warning: -k {args.k} is more than the {len(index)} images in the index; returning {len(index)} per query")
+    queries = [os.path.abspath(p) for p in list_images(args.query)]
     embedder = _load(args)
     if embedder.dim != index.dim:
         raise RetrievalError(f"the model makes {embedder.dim}-d embeddings but index '{args.index}' holds "
@@ -114,24 +160,55 @@ def cmd_search(args: argparse.Namespace) -> int:
         for q, srow, irow in zip(result.paths, scores, ids, strict=True):
             nbs = [{"rank": r, "path": index.paths[i], "score": round(float(s), 6), "index": int(i)}
                    for r, (s, i) in enumerate(zip(srow, irow, strict=True), 1) if i >= 0]
-            results.append({"query": q, "neighbors": nbs})
+            res: dict[str, Any] = {"query": q, "neighbors": nbs}
+            query_label = Path(q).parent.name if args.labels_from_folder else None
+            if query_label is not None:
+                res["query_label"] = query_label
+            if index.labels is not None:
+                for nb in nbs:
+                    nb["label"] = index.labels[nb["index"]]
+                res["predicted_label"] = knn_vote([(nb["label"], nb["score"]) for nb in nbs])
+            if query_label is not None:
+                for nb in nbs:
+                    nb["hit"] = nb.get("label", Path(nb["path"]).parent.name) == query_label
+            results.append(res)
     report = {"index": str(args.index), "type": index.kind, "k": int(args.k), "results": results,
               "errors": [{"path": p, "reason": r} for p, r in result.errors]}
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        from promptdml.files import atomic_write_text, ensure_dir
+
+        out = ensure_dir(Path(args.out), "--out folder")
+        unreadable: list[str] = []
         for pos, res in enumerate(results):
             name = sheet_name(pos, res["query"])
-            contact_sheet(res["query"], [(nb["path"], nb["score"]) for nb in res["neighbors"]],
-                          out / "sheets" / name, thumb=args.thumb_size)
+            contact_sheet(res["query"], [(nb["path"], nb["score"], nb.get("label"), nb.get("hit"))
+                                         for nb in res["neighbors"]],
+                          out / "sheets" / name, thumb=args.thumb_size, query_label=res.get("query_label"),
+                          unreadable=unreadable)
             res["sheet"] = f"sheets/{name}"
-        (out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(out / "results.json", json.dumps(report, indent=2) + "\n")
         write_html(out, results, result.errors, title=f"promptdml search: {Path(args.index).name}")
+        missing = sorted(set(unreadable))
+        if missing:
+            _err(f"warning: {len(missing)} image(s) shown in the results could not be read (drawn as 'unreadable'), "
+                 f"e.g. {missing[0]}; the index stores absolute paths: were the images moved or deleted?")
         _err(f"results: {out / 'results.json'}, contact sheets: {out / 'sheets'}, page: {out / 'index.html'}")
     print(json.dumps(report, indent=2))
     if not result.paths:
         raise RetrievalError(f"none of the {len(queries)} query images could be read")
     return 0
+
+
+def knn_vote(neighbours: list[tuple[str, float]]) -> str | None:
+    """The class most frequent among the neighbours (ties: the larger summed score, then the better rank)."""
+    if not neighbours:
+        return None
+    tally: dict[str, list[float]] = {}
+    for rank, (label, score) in enumerate(neighbours):
+        entry = tally.setdefault(label, [0, 0.0, -rank])
+        entry[0] += 1
+        entry[1] += score
+    return max(tally, key=lambda c: tuple(tally[c]))
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -143,6 +220,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".onnx":
         raise RetrievalError(f"the ONNX output file must end with .onnx, got '{out}'")
+    if args.opset is not None and not MIN_OPSET <= args.opset <= MAX_OPSET:
+        raise RetrievalError(f"--opset {args.opset} is not supported; use {MIN_OPSET}..{MAX_OPSET} (or leave it out "
+                             f"for the exporter's default)")
+    _check_writable(out)
     embedder = _load(args)  # on the CPU, fp32 (the exported graph is fp32)
     res = export_onnx(embedder, out, opset=args.opset, check=not args.no_check, atol=args.atol)
     print(f"exported {res.path} (exporter: {res.exporter}, opset {res.opset}); input 'images' float32 "
@@ -164,6 +245,9 @@ def register(subparsers) -> None:
     p.add_argument("--images", required=True, nargs="+", metavar="DIR_OR_LIST",
                    help="folders (searched recursively), image files, or .txt/.lst files with one path per line")
     p.add_argument("--out", required=True, help="output file: .safetensors or .npy")
+    p.add_argument("--labels-from-folder", action="store_true",
+                   help="store each image's parent folder name as its class label (then `search` predicts a "
+                        "class by kNN vote)")
     _add_embed_args(p)
     p.set_defaults(func=cmd_embed)
 
@@ -203,6 +287,8 @@ def register(subparsers) -> None:
     p.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
     p.add_argument("--out", help="folder for results.json, contact sheets and index.html")
     p.add_argument("--thumb-size", type=int, default=160, help="contact sheet tile size in pixels (default 160)")
+    p.add_argument("--labels-from-folder", action="store_true",
+                   help="each query's class is its parent folder name: mark every neighbour as hit or miss")
     _add_embed_args(p)
     p.set_defaults(func=cmd_search)
 

@@ -114,7 +114,14 @@ def export_onnx(embedder: Embedder, out: str | os.PathLike, opset: int | None = 
     s = embedder.img_size
     gen = torch.Generator().manual_seed(0)
     try:
-        exporter = _export(graph, torch.randn(2, 3, s, s, generator=gen), tmp, opset)
+        try:
+            exporter = _export(graph, torch.randn(2, 3, s, s, generator=gen), tmp, opset)
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the exporters raise many types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RetrievalError(f"ONNX export failed{f' with opset {opset}' if opset else ''}: {first}. Try another "
+                                 f"--opset (e.g. 18) or leave it out; nothing was written to '{out}'") from None
         proto = onnx.load(str(tmp))
         opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
         meta = {"promptdml.preprocessing": json.dumps(embedder.preprocessing()),

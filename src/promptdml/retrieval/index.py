@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from promptdml.errors import CorruptFileError
+from promptdml.files import atomic_write
 from promptdml.retrieval import RetrievalError
 
 INDEX_FORMAT = "promptdml-index/1"
@@ -102,7 +104,7 @@ class Index:
 
     def __init__(self, embeddings: np.ndarray, paths: Sequence[str] | None = None, kind: str = "exact",
                  params: dict[str, Any] | None = None, info: dict[str, Any] | None = None,
-                 faiss_index: Any = None) -> None:
+                 faiss_index: Any = None, labels: Sequence[str] | None = None) -> None:
         if kind not in KINDS:
             raise RetrievalError(f"index type must be one of {', '.join(KINDS)}, got {kind!r}")
         if kind != "exact" and faiss_index is None:
@@ -111,6 +113,9 @@ class Index:
         self.paths = [str(p) for p in paths] if paths is not None else [str(i) for i in range(len(self.embeddings))]
         if self.embeddings.ndim != 2 or len(self.paths) != self.embeddings.shape[0]:
             raise RetrievalError(f"index embeddings {list(self.embeddings.shape)} do not match {len(self.paths)} paths")
+        self.labels = [str(x) for x in labels] if labels is not None else None
+        if self.labels is not None and len(self.labels) != len(self.paths):
+            raise RetrievalError(f"{len(self.labels)} labels for {len(self.paths)} index rows")
         self.kind = kind
         self.params = dict(params or {})
         self.info = dict(info or {})
@@ -159,18 +164,15 @@ class Index:
         """Write the index as one safetensors file (atomic: temp file + rename)."""
         from safetensors.numpy import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"embeddings": self.embeddings}
         if self.faiss_index is not None:
             faiss = _import_faiss(self.kind)
             tensors["faiss_index"] = np.ascontiguousarray(faiss.serialize_index(self.faiss_index), dtype=np.uint8)
         meta = {"format": INDEX_FORMAT, "type": self.kind, "paths": json.dumps(self.paths),
                 "params": json.dumps(self.params), "info": json.dumps(self.info)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-        return path
+        if self.labels is not None:
+            meta["labels"] = json.dumps(self.labels)
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_index(path: str | os.PathLike) -> Index:
@@ -180,6 +182,8 @@ def load_index(path: str | os.PathLike) -> Index:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"index file '{path}' does not exist (build one with `promptdml index build`)")
+    if path.stat().st_size == 0:
+        raise CorruptFileError(f"index file '{path}' is empty (0 bytes); build it again with `promptdml index build`")
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
@@ -190,14 +194,24 @@ def load_index(path: str | os.PathLike) -> Index:
     except RetrievalError:
         raise
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise RetrievalError(f"cannot read index '{path}': {e}") from None
-    kind = meta["type"]
-    faiss_index = None
-    if kind != "exact":
-        faiss = _import_faiss(kind)
-        faiss_index = faiss.deserialize_index(tensors["faiss_index"])
-    return Index(tensors["embeddings"], json.loads(meta["paths"]), kind, json.loads(meta.get("params", "{}")),
-                 json.loads(meta.get("info", "{}")), faiss_index)
+        raise CorruptFileError(f"cannot read index '{path}' ({e}): truncated or corrupt; build it again with "
+                               f"`promptdml index build`") from None
+    try:
+        kind = meta["type"]
+        faiss_index = None
+        if kind != "exact":
+            faiss = _import_faiss(kind)
+            faiss_index = faiss.deserialize_index(tensors["faiss_index"])
+        labels = json.loads(meta["labels"]) if "labels" in meta else None
+        return Index(tensors["embeddings"], json.loads(meta["paths"]), kind, json.loads(meta.get("params", "{}")),
+                     json.loads(meta.get("info", "{}")), faiss_index, labels)
+    except RetrievalError as e:
+        if "faiss" in str(e):
+            raise
+        raise CorruptFileError(f"index '{path}' is damaged: {e}; build it again with `promptdml index build`") from None
+    except Exception as e:  # noqa: BLE001 - a damaged header or faiss blob
+        raise CorruptFileError(f"index '{path}' is damaged ({type(e).__name__}: {e}); build it again with "
+                               f"`promptdml index build`") from None
 
 
 def default_nlist(n: int) -> int:
@@ -208,7 +222,7 @@ def default_nlist(n: int) -> int:
 def build_index(embeddings: np.ndarray, paths: Sequence[str] | None = None, kind: str = "exact", *,
                 nlist: int | None = None, nprobe: int | None = None, m: int = 32, ef_construction: int = 200,
                 ef_search: int = 64, recall_queries: int = 1000, seed: int = 0,
-                info: dict[str, Any] | None = None) -> Index:
+                info: dict[str, Any] | None = None, labels: Sequence[str] | None = None) -> Index:
     """Build an index over ``embeddings`` (normalised here) with ``paths[i]`` naming row i.
 
     ``kind="ivf"``: ``nlist`` inverted lists (default :func:`default_nlist`), ``nprobe`` lists searched per
@@ -224,7 +238,7 @@ def build_index(embeddings: np.ndarray, paths: Sequence[str] | None = None, kind
         raise RetrievalError("cannot build an index from 0 embeddings")
     info = dict(info or {})
     if kind == "exact":
-        return Index(x, paths, "exact", {}, info)
+        return Index(x, paths, "exact", {}, info, labels=labels)
     faiss = _import_faiss(kind)
     start = time.perf_counter()
     if kind == "ivf":
@@ -249,7 +263,7 @@ def build_index(embeddings: np.ndarray, paths: Sequence[str] | None = None, kind
         index.hnsw.efConstruction = int(ef_construction)
     index.add(x)
     info["build_seconds"] = round(time.perf_counter() - start, 3)
-    built = Index(x, paths, kind, params, info, index)
+    built = Index(x, paths, kind, params, info, index, labels)
     # recall@10 of the approximate index against exact search on a sample of the collection
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, min(n, int(recall_queries)), replace=False)) if recall_queries > 0 else None
