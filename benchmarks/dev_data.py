@@ -164,7 +164,7 @@ def _png_bytes(img: Image.Image) -> bytes:
 def build_glyphs_from_faces(faces: Sequence[Face], out: Path, classes: int, per_class: int, min_faces: int,
                             seed: int, size: int, codepoints: Iterable[int] = HAN,
                             render_pt: int = 80) -> dict:
-    """Render the glyph dataset into ``out`` (``U+XXXX/<face index>.png``); return its manifest.
+    """Render the glyph dataset into ``out`` (``<decimal code point>/<face index>.png``); return its manifest.
 
     Deterministic for the same faces and arguments: eligibility comes from the cmaps and the renderings,
     and every random choice uses ``random.Random(seed)``.
@@ -203,7 +203,7 @@ def build_glyphs_from_faces(faces: Sequence[Face], out: Path, classes: int, per_
     for cp in chosen:
         variants = sorted(renders[cp].values())
         keep = sorted(rng.sample(variants, per_class))
-        cls = f"U+{cp:04X}"
+        cls = str(cp)  # decimal: natural and plain sorting agree, so the split is code point order
         (tmp / cls).mkdir(parents=True)
         for fi, data in keep:
             (tmp / cls / f"{fi:03d}.png").write_bytes(data)

@@ -108,7 +108,8 @@ def run_one(dataset: str, method: str, seed: int, data: Path, weights: Path, epo
     from promptdml.models import count_parameters
 
     tag = "val-" if val_ratio else ""
-    overrides = wesnoth_overrides(data, weights, img_size, out, f"{dataset}-{tag}{method}-seed{seed}")
+    name = method + "".join(f"-{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted((extra or {}).items()))
+    overrides = wesnoth_overrides(data, weights, img_size, out, f"{dataset}-{tag}{name}-seed{seed}")
     overrides.update({"train.seed": seed, "eval.every": 0, "data.val_ratio": val_ratio})
     if epochs is not None:
         overrides["train.epochs"] = epochs
@@ -119,7 +120,7 @@ def run_one(dataset: str, method: str, seed: int, data: Path, weights: Path, epo
     if val_ratio:  # choose settings without the test classes: the validation split takes the test's place
         splits.test, splits.val = splits.val, None
     stats = {n: {"classes": r.num_classes, "images": len(r)} for n, r in splits.named_splits()}
-    trainer = Trainer(cfg, splits=splits, echo=lambda s: print(f"[{dataset} {method} seed {seed}] {s}", flush=True))
+    trainer = Trainer(cfg, splits=splits, overwrite=True, echo=lambda s: print(f"[{dataset} {method} seed {seed}] {s}", flush=True))
     counts = count_parameters(trainer.model)
     common = {"dataset": dataset, "method": method, "seed": seed, "config": CONFIG_OF[method],
               "config_hash": config_hash(cfg), "overrides": extra or {}, "splits": stats, "img_size": img_size}

@@ -79,8 +79,8 @@ def test_only_code_points_with_enough_distinct_inked_renderings(fonts, tmp_path)
     manifest = dev_data.build_glyphs_from_faces(faces, tmp_path / "ds", classes=2, **kw)
     assert manifest["images"] == 4
     classes = sorted(p.name for p in (tmp_path / "ds").iterdir() if p.is_dir())
-    assert classes == ["U+4E00", "U+4E03"]
-    assert sorted(p.name for p in (tmp_path / "ds" / "U+4E03").iterdir()) == ["001.png", "002.png"]
+    assert classes == ["19968", "19971"]
+    assert sorted(p.name for p in (tmp_path / "ds" / "19971").iterdir()) == ["001.png", "002.png"]
     with pytest.raises(RuntimeError, match="only 2 code points"):
         dev_data.build_glyphs_from_faces(faces, tmp_path / "ds3", classes=3, **kw)
 
@@ -91,7 +91,7 @@ def test_images_are_black_glyphs_on_white_padded_square(fonts, tmp_path):
     faces = dev_data.list_faces(fonts)
     dev_data.build_glyphs_from_faces(faces, tmp_path / "ds", classes=1, per_class=3, min_faces=3, seed=0,
                                      size=40, codepoints=[0x4E00])
-    for p in (tmp_path / "ds" / "U+4E00").iterdir():
+    for p in (tmp_path / "ds" / "19968").iterdir():
         img = Image.open(p)
         assert img.size == (40, 40)
         lo, hi = img.convert("L").getextrema()
@@ -109,7 +109,7 @@ def test_build_is_deterministic_and_fewshot_keeps_the_test_half(fonts, tmp_path)
 
     info = dev_data.build_fewshot(tmp_path / "one", tmp_path / "1shot", shots=1, seed=0)
     assert info["train_classes"] == 1 and info["train_images"] == 1
-    assert len(list((tmp_path / "1shot" / "U+4E00").iterdir())) == 1        # train half: 1 image
-    assert _tree(tmp_path / "1shot" / "U+4E03") == _tree(tmp_path / "one" / "U+4E03")  # test half unchanged
-    assert json.loads((tmp_path / "1shot" / "fewshot.json").read_text())["chosen"]["U+4E00"] == \
-        info["chosen"]["U+4E00"]
+    assert len(list((tmp_path / "1shot" / "19968").iterdir())) == 1        # train half: 1 image
+    assert _tree(tmp_path / "1shot" / "19971") == _tree(tmp_path / "one" / "19971")  # test half unchanged
+    assert json.loads((tmp_path / "1shot" / "fewshot.json").read_text())["chosen"]["19968"] == \
+        info["chosen"]["19968"]
