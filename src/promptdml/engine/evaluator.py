@@ -30,7 +30,7 @@ log = logging.getLogger("promptdml")
 @torch.no_grad()
 def embed_records(model: PromptDMLModel, records: ImageRecords, cfg: Config, device: torch.device,
                   dtype: torch.dtype | None, progress: bool = False, desc: str = "embed",
-                  frozen_features: bool = False, dist: DistContext = SINGLE,
+                  frozen_features: bool = False, dist: DistContext = SINGLE, *,
                   forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                   normalize: bool = True, failed: dict[int, str] | None = None) -> torch.Tensor:
     """L2-normalised float32 embeddings ``[N, E]`` (on the CPU) in the order of ``records``.
@@ -155,9 +155,9 @@ def _evaluate(model: PromptDMLModel, splits: Splits, cfg: Config, device: torch.
         qf: dict[int, str] = {}
         gf: dict[int, str] = {}
         q = embed_records(model, splits.query, cfg, device, dtype, progress, "embed query", frozen_features, dist,
-                          qf)
+                          failed=qf)
         g = embed_records(model, splits.gallery, cfg, device, dtype, progress, "embed gallery", frozen_features,
-                          dist, gf)
+                          dist, failed=gf)
         if not compute:
             return None
         q, qy = _readable(splits.query, q, qf, "query", report)
@@ -170,7 +170,7 @@ def _evaluate(model: PromptDMLModel, splits: Splits, cfg: Config, device: torch.
         raise DataError(f"the data has no '{split}' split{hint}")
     failed: dict[int, str] = {}
     emb = embed_records(model, records, cfg, device, dtype, progress, f"embed {split}", frozen_features, dist,
-                        failed)
+                        failed=failed)
     if not compute:
         return None
     emb, labels = _readable(records, emb, failed, split, report)
