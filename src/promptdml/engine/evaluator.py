@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
-from tqdm.auto import tqdm
 
 from promptdml.config import Config
 from promptdml.data import ImageRecords, Splits, build_eval_loader, build_transforms
@@ -18,6 +20,7 @@ from promptdml.engine.distributed import (
 )
 from promptdml.metrics import retrieval_metrics
 from promptdml.models import PromptDMLModel
+from promptdml.progress import progress_bar
 
 
 @torch.no_grad()
@@ -44,7 +47,7 @@ def embed_records(model: PromptDMLModel, records: ImageRecords, cfg: Config, dev
     dim = model.backbone.feature_dim if frozen_features else cfg.model.embed_dim
     out = torch.empty(len(records), dim)
     mine: list[torch.Tensor] = []
-    for images, _, index in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for images, _, index in progress_bar(loader, desc=desc, enabled=progress, unit="batch"):
         images = images.to(device, non_blocking=True)
         with autocast(device, dtype):
             emb = model.backbone(images) if frozen_features else model(images)
@@ -85,11 +88,39 @@ def _evaluate(model: PromptDMLModel, splits: Splits, cfg: Config, device: torch.
         if not compute:
             return None
         return retrieval_metrics(g, torch.as_tensor(splits.gallery.labels), ks, query_embeddings=q,
-                                 query_labels=torch.as_tensor(splits.query.labels))
+                                 query_labels=torch.as_tensor(splits.query.labels), progress=progress)
     records = getattr(splits, split)
     if records is None:
         raise ValueError(f"the data has no '{split}' split")
     emb = embed_records(model, records, cfg, device, dtype, progress, f"embed {split}", frozen_features, dist)
     if not compute:
         return None
-    return retrieval_metrics(emb, torch.as_tensor(records.labels), ks)
+    return retrieval_metrics(emb, torch.as_tensor(records.labels), ks, progress=progress)
+
+
+def evaluate_run(run: str | Path, split: str = "test", overrides: dict[str, Any] | list[str] | None = None,
+                 progress: bool | None = None) -> dict[str, float]:
+    """Rebuild the model of a run directory (or its ``model.safetensors``) on its frozen backbone and evaluate it.
+
+    ``overrides`` change the run's stored config first, like ``promptdml evaluate --set KEY=VALUE``: e.g.
+    ``{"data.root": "elsewhere", "eval.recall_ks": [1, 10]}``. ``progress=None`` follows ``train.progress``.
+    Returns Recall@K, MAP@R and R-Precision, as ``promptdml evaluate`` prints them.
+    """
+    from promptdml.config import parse_override, set_key
+    from promptdml.data import build_splits
+    from promptdml.engine.checkpoint import load_model, read_checkpoint
+    from promptdml.engine.device import resolve_device, resolve_precision
+
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    _, cfg, _ = read_checkpoint(run)
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in (overrides or [])]
+    for key, value in items:
+        set_key(cfg, key, value)
+    cfg.validate()
+    device = resolve_device(cfg.train.device)
+    model, cfg = load_model(run, cfg, device)
+    splits = build_splits(cfg.data)
+    show = cfg.train.progress if progress is None else progress
+    return evaluate(model, splits, cfg, device, resolve_precision(cfg.train.precision, device), split,
+                    progress=show)
