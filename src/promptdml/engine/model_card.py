@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from promptdml.config import Config, ModelConfig
-from promptdml.models.backbone import resolve_weights_file
+from promptdml.text import plural
 
 
 def method_name(m: ModelConfig) -> str:
@@ -31,11 +31,7 @@ def method_name(m: ModelConfig) -> str:
 def write_model_card(run_dir: Path, cfg: Config, summary: dict[str, Any], class_count: int,
                      test_classes: int | None) -> Path:
     b, d = cfg.model.backbone, cfg.data
-    try:
-        weights = resolve_weights_file(b)
-    except Exception:  # the card must never fail a finished run
-        weights = None
-    source = f"local file `{weights}`" if weights else "the model hub (timm pretrained tag)"
+    source = summary.get("backbone_weights") or "the model hub (timm pretrained tag)"
     params = summary["parameters"]
     metrics = summary.get("test") or {}
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items())
@@ -52,7 +48,7 @@ def write_model_card(run_dir: Path, cfg: Config, summary: dict[str, Any], class_
 - **Embedding**: {cfg.model.embed_dim}-d, L2-normalised (CLS -> LayerNorm -> Linear)
 - **Data**: `{d.dataset}` at `{d.root or '(default location)'}`: {class_count} training classes, {split};
   test classes: {test_classes if test_classes is not None else 'query/gallery protocol'}
-- **Training**: {cfg.train.epochs} epochs, {cfg.optim.optimizer} lr {cfg.optim.lr:g} (proxies {cfg.optim.lr_proxy:g}),
+- **Training**: {plural(cfg.train.epochs, 'epoch')}, {cfg.optim.optimizer} lr {cfg.optim.lr:g} (proxies {cfg.optim.lr_proxy:g}),
   batch {d.batch_size} with {d.samples_per_class} images per class, {summary['precision']} on {summary['device']},
   {summary['train_seconds']:.0f} s; Proxy Anchor normalisation: {summary['loss_normalization']}
 
