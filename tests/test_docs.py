@@ -2,9 +2,10 @@
 
 Runnable blocks
 ---------------
-A fenced block whose info string is ``bash runnable`` (optionally followed by ``requires=mod1,mod2``: skip
-the block when one of those Python modules is missing) is executed by :func:`test_runnable_blocks`, page by
-page, block after block, with ``bash -euo pipefail`` in a fresh working folder laid out as the pages say
+A fenced block whose info string is ``bash runnable`` or ``python runnable`` (optionally followed by
+``requires=mod1,mod2``: skip the block when one of those Python modules is missing) is executed by
+:func:`test_runnable_blocks`, page by page, block after block, with ``bash -euo pipefail`` (or the Python
+interpreter running the tests, as a script) in a fresh working folder laid out as the pages say
 (docs/getting-started.md, "Conventions of these pages"):
 
 - ``my_photos/`` (class folders), ``my_list.csv``, ``my_collection/``, ``query.jpg``;
@@ -94,7 +95,11 @@ class Block:
     @property
     def runnable(self) -> bool:
         words = self.info.split()
-        return len(words) >= 2 and words[0] in ("bash", "sh", "shell") and "runnable" in words[1:]
+        return len(words) >= 2 and words[0] in ("bash", "sh", "shell", "python") and "runnable" in words[1:]
+
+    @property
+    def language(self) -> str:
+        return "python" if self.info.split()[0] == "python" else "bash"
 
     @property
     def requires(self) -> list[str]:
@@ -208,6 +213,12 @@ def _runnable_pages() -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------- tests
+def test_python_page_blocks_are_runnable():
+    """docs/python.md's examples run like the command blocks (a page of unrun Python would rot)."""
+    blocks = [b for b in fenced_blocks(DOCS / "python.md") if b.info.split()[:1] == ["python"]]
+    assert len(blocks) >= 5 and all(b.runnable for b in blocks)
+
+
 def test_there_are_runnable_blocks_for_each_workflow():
     text = "".join(b.code for p in PAGES for b in fenced_blocks(p) if b.runnable)
     for command in ("promptdml train", "promptdml evaluate", "promptdml data check", "promptdml embed",
@@ -240,8 +251,13 @@ def test_runnable_blocks(page, docs_env, tmp_path):
         if missing:
             skipped.append(f"line {block.line} (needs {', '.join(missing)})")
             continue
-        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block.code], cwd=ws, env=docs_env["env"],
-                              capture_output=True, text=True, timeout=240)
+        if block.language == "python":
+            script = ws / f"_block_line{block.line}.py"
+            script.write_text(block.code)
+            command = [sys.executable, str(script)]
+        else:
+            command = ["bash", "-euo", "pipefail", "-c", block.code]
+        proc = subprocess.run(command, cwd=ws, env=docs_env["env"], capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, (
             f"{page.relative_to(REPO)}:{block.line}: runnable block failed (exit {proc.returncode}):\n"
             f"{block.code}\n--- stdout (tail) ---\n{proc.stdout[-2500:]}\n--- stderr (tail) ---\n{proc.stderr[-2500:]}")
