@@ -554,7 +554,8 @@ class Trainer:
         if self._tb is None:
             self._tb = False
             if self.cfg.train.tensorboard and self.dist.is_main and optional_import(
-                    "torch.utils.tensorboard", "TensorBoard logging", "viz", "train.tensorboard") is not None:
+                    "torch.utils.tensorboard", "TensorBoard logging", "viz", "train.tensorboard",
+                    package="tensorboard") is not None:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
