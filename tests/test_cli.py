@@ -153,3 +153,23 @@ def test_demo_header_and_model_card_say_1_epoch(tiny_weights, tmp_path, capsys):
     summary = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert summary["backbone_weights"].startswith("local file") and "model.backbone.weights" in \
         summary["backbone_weights"]
+
+
+def test_progress_bars_only_when_enabled_and_on_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    from promptdml.progress import bars_visible, progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a pipe or a log file
+    assert not bars_visible(True) and progress_bar(range(3), enabled=True).disable
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert bars_visible(True) and not bars_visible(False)
+    assert progress_bar(range(3), enabled=False).disable
+    bar = progress_bar(range(3), enabled=True, desc="metrics")
+    assert not bar.disable
+    assert list(bar) == [0, 1, 2]

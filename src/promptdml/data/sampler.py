@@ -22,8 +22,9 @@ def batch_too_large(num_classes: int, batch_size: int, samples_per_class: int) -
     fix = (f"Pass --batch-size {fits} (data.batch_size={fits}: {num_classes} classes x {k} images)"
            if num_classes >= 2 else "Add classes to the training split")
     return (f"a batch of data.batch_size={batch_size} with data.samples_per_class={k} images per class holds "
-            f"{need} distinct classes, but the training split has only {num_classes}. {fix}, or use more classes "
-            "(see docs/train-your-data.md).")
+            f"{need} distinct classes, but the training split has only {num_classes} classes. {fix}, or use more "
+            "classes (see docs/train-your-data.md).")
+
 
 class _Cycle:
     """Draws items from a set in shuffled passes; ``take(n)`` never returns duplicates."""
