@@ -1,6 +1,6 @@
 """Retrieval metrics: Recall@K, MAP@R, R-Precision (and NMI / pair-counting F1 on request).
 
-Definitions (METHOD.md section 4). For a query with label ``y``, ``R`` is the number of *other*
+Definitions (docs/evaluate.md, 'The metrics'). For a query with label ``y``, ``R`` is the number of *other*
 items labelled ``y`` in the reference set (the query itself is excluded by index in the
 test-set-against-itself protocol; in the query/gallery protocol nothing is excluded). Queries
 with ``R = 0`` are skipped by every retrieval metric (they are not counted in the mean).
