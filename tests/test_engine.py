@@ -431,3 +431,76 @@ def test_backbone_lr_scale_scales_only_the_backbone_side_steps(tiny_weights, dat
     for k in ("head", "gru"):
         torch.testing.assert_close(scaled[k], full[k], rtol=1e-5, atol=1e-9)
     assert full["prompt"].abs().max() > 0
+
+
+def test_step_log_and_tensorboard_steps_follow_the_saved_state(tiny_weights, data_root, tmp_path):
+    """steps.csv (train.log_steps) has one row per step, ends where the saved state ends, and a resume continues
+    it without duplicates; TensorBoard gets step/loss and step/lr at every step."""
+    import csv
+    import signal
+
+    from promptdml.engine.trainer import TrainingInterrupted
+
+    cfg = _cfg(tiny_weights, data_root, tmp_path, **{"train.log_steps": True, "optim.warmup_epochs": 1.0,
+                                                      "train.tensorboard": False})
+    trainer = Trainer(cfg, echo=_quiet)
+    original = trainer.train_step
+
+    def step_then_signal(images, labels):
+        value = original(images, labels)
+        if trainer.global_step == 4:  # stop during the 2nd epoch, after its first step
+            trainer._stop_signal = signal.SIGINT
+        return value
+
+    trainer.train_step = step_then_signal
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit()
+
+    def rows():
+        with open(trainer.run_dir / "steps.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
+    assert [int(r["step"]) for r in rows()] == [1, 2, 3, 4, 5]
+    assert [int(r["epoch"]) for r in rows()] == [1, 1, 1, 2, 2]
+    # warm-up: the logged lr is the one each step used, rising linearly over the first epoch (3 steps)
+    lrs = [float(r["lr"]) for r in rows()[:3]]
+    assert lrs == pytest.approx([cfg.optim.lr / 3, 2 * cfg.optim.lr / 3, cfg.optim.lr])
+    resumed = Trainer(cfg, run_dir=trainer.run_dir, echo=_quiet, resume=True)
+    resumed.fit()
+    assert [int(r["step"]) for r in rows()] == list(range(1, 7))
+    assert all(float(r["loss"]) > 0 for r in rows())
+
+
+def test_tensorboard_has_per_step_loss_and_lr(tiny_weights, data_root, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = Trainer(_cfg(tiny_weights, data_root, tmp_path, **{"train.tensorboard": True}), echo=_quiet)
+    trainer.fit()
+    events = EventAccumulator(str(trainer.run_dir / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"step/loss", "step/lr", "step/lr_proxy", "train/loss", "test/recall@1"} <= set(tags)
+    assert [e.step for e in events.Scalars("step/loss")] == list(range(1, 7))  # 2 epochs x 3 steps
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+
+
+def test_missing_viz_extra_is_named_once_and_the_run_goes_on(tiny_weights, data_root, tmp_path, monkeypatch,
+                                                              caplog):
+    import sys
+
+    from promptdml import extras
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    monkeypatch.setattr(extras, "_warned", set())
+    cfg = _cfg(tiny_weights, data_root, tmp_path, **{"train.tensorboard": True, "train.plot": True})
+    with caplog.at_level("WARNING", logger="promptdml"):
+        run = Trainer(cfg, echo=_quiet).fit().run_dir
+    messages = [r.getMessage() for r in caplog.records if 'promptdml[viz]' in r.getMessage()]
+    assert len(messages) == 2  # one for the plot, one for TensorBoard, not one per epoch
+    assert any("training.png" in m and "train.plot=false" in m for m in messages)
+    assert any("TensorBoard" in m and "'tensorboard' package" in m and "train.tensorboard=false" in m
+               for m in messages)
+    assert (run / "model.safetensors").is_file() and not (run / "training.png").exists()
+    assert not (run / "tensorboard").exists()

@@ -6,79 +6,143 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from promptdml.config import Config, ConfigError, load_config
+from promptdml import __version__
+from promptdml.config import Config, ConfigError, load_config, parse_override, resolve_config
+from promptdml.text import plural
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DOCS = "docs/getting-started.md (all guides in docs/; every config key: docs/configuration.md)"
 
 
+# --------------------------------------------------------------------------------------------------
+# The command line's one set of config flags: each sets one config key; each command takes the ones that act
+# for it (COMMAND_FLAGS). The command line always wins over the YAML: defaults, YAML, --set, then flags.
+@dataclass(frozen=True)
+class Flag:
+    option: str
+    key: str
+    help: str
+    type: Callable[[str], Any] = str
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+
+FLAGS: dict[str, Flag] = {f.option.lstrip("-").replace("-", "_"): f for f in (
+    Flag("--dataset", "data.dataset", "data.dataset: demo, folder, csv, cub200, cars196, online_products, inshop, "
+                                      "inaturalist", metavar="NAME"),
+    Flag("--data-root", "data.root", "data.root: your folder of class folders, your CSV list, or the folder "
+                                     "holding the benchmark datasets", metavar="PATH"),
+    Flag("--weights", "model.backbone.weights", "model.backbone.weights: a local pretrained weights file "
+         "(.safetensors/.pth/.bin/.npz) or a folder of them; no network access then (default: $PROMPTDML_WEIGHTS, "
+         "the hub cache, then the model hub)", metavar="FILE"),
+    Flag("--device", "train.device", "train.device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps"),
+    Flag("--precision", "train.precision", "train.precision: autocast precision (auto = bf16 on CPU, fp16 on "
+                                           "CUDA)", choices=("auto", "bf16", "fp16", "fp32")),
+    Flag("--epochs", "train.epochs", "train.epochs: number of training epochs", int, metavar="N"),
+    Flag("--batch-size", "data.batch_size", "data.batch_size: training images per batch (batch size / "
+                                            "data.samples_per_class classes per batch)", int, metavar="N"),
+    Flag("--lr", "optim.lr", "optim.lr: learning rate of everything trained except the proxy bias", float),
+    Flag("--output-dir", "train.output_dir", "train.output_dir: runs are written to OUTPUT_DIR/NAME",
+         metavar="DIR"),
+    Flag("--name", "train.run_name", "train.run_name: name of the run directory (default <dataset>-<time>)"),
+    Flag("--eval-every", "eval.every", "eval.every: evaluate on the test split every N epochs (default: after "
+                                       "training only)", int, metavar="N"),
+)}
+FLAGS["eval_batch_size"] = Flag("--batch-size", "eval.batch_size", "eval.batch_size: images per forward pass "
+                                                                    "when embedding (default: the run's)", int,
+                                metavar="N")
+FLAG_KEYS = {name: f.key for name, f in FLAGS.items()}
+"""Flag attribute -> config key (docs/configuration.md's flag table is generated from FLAGS)."""
+
+_TRAINING = ("dataset", "data_root", "weights", "device", "precision", "epochs", "batch_size", "lr", "output_dir",
+             "name", "eval_every")
+COMMAND_FLAGS: dict[str, tuple[str, ...]] = {
+    "train": _TRAINING,
+    "demo": _TRAINING,
+    "evaluate": ("dataset", "data_root", "weights", "device", "precision", "eval_batch_size"),
+    "info": ("dataset", "data_root"),
+    "tune": ("dataset", "data_root", "weights", "device", "precision", "epochs"),
+    "data check": ("dataset", "data_root", "batch_size"),
+}
+"""The config flags each config-building command takes (all of them act for it)."""
+
+
 def resolve_config_path(name: str | None) -> Path | None:
-    """A YAML path, or the name of a shipped config (``cub200_small`` -> configs/cub200_small.yaml)."""
-    if not name:
-        return None
-    path = Path(name)
-    if path.is_file():
-        return path
-    shipped = CONFIG_DIR / (name if name.endswith((".yaml", ".yml")) else name + ".yaml")
-    if shipped.is_file():
-        return shipped
-    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(f"config '{name}' is neither a file nor a shipped config. Shipped configs: {names}")
+    """Kept for scripts: :func:`promptdml.config.resolve_config` resolves shipped names."""
+    return resolve_config(name)
 
 
-def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
-    p.add_argument("--config", "-c", required=config_required,
-                   help="YAML config file or the name of a shipped config (e.g. cub200_small, demo)")
+def add_config_flags(p: argparse.ArgumentParser, command: str, config: str = "optional") -> None:
+    """``--config`` (``optional``, ``required`` or ``none``), ``--set`` and the command's flags of FLAGS."""
+    if config != "none":
+        p.add_argument("--config", "-c", required=config == "required", metavar="YAML_OR_NAME",
+                       help="YAML config file or the name of a shipped config (e.g. demo, cub200_small; "
+                            "docs/train-benchmark.md lists them)")
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set optim.lr=0.01 (repeatable; wins over the YAML)")
-    p.add_argument("--data-root", help="data.root: the data root (benchmarks) or your folder of class folders")
-    p.add_argument("--dataset", help="data.dataset: demo, folder, csv, cub200, cars196, online_products, "
-                                     "inshop, inaturalist")
-    p.add_argument("--weights", help="model.backbone.weights: local pretrained weights file "
-                                     "(.safetensors/.pth/.bin/.npz) or a folder of them (offline use)")
-    p.add_argument("--device", help="train.device: auto, cpu, cuda, cuda:N, mps")
+                   help="override any config key, e.g. --set optim.lr=0.01 or --set eval.recall_ks=[1,10] "
+                        "(repeatable; every key: docs/configuration.md)")
+    for name in COMMAND_FLAGS[command]:
+        f = FLAGS[name]
+        p.add_argument(f.option, dest=name, type=f.type, choices=f.choices, metavar=f.metavar, help=f.help)
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, help="train.epochs")
-    p.add_argument("--batch-size", type=int, help="data.batch_size")
-    p.add_argument("--lr", type=float, help="optim.lr")
-    p.add_argument("--output-dir", help="train.output_dir (runs are written to OUTPUT_DIR/NAME)")
-    p.add_argument("--name", help="train.run_name")
-    p.add_argument("--eval-every", type=int, help="eval.every: evaluate every N epochs")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+def add_overwrite_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing run directory of the same name (default: refuse)")
 
 
-FLAG_KEYS = {
-    "data_root": "data.root", "dataset": "data.dataset", "weights": "model.backbone.weights",
-    "device": "train.device", "epochs": "train.epochs", "batch_size": "data.batch_size", "lr": "optim.lr",
-    "output_dir": "train.output_dir", "name": "train.run_name", "eval_every": "eval.every",
-}
+def add_progress_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are shown only on a terminal anyway)")
 
 
 def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out = {key: getattr(args, attr) for attr, key in FLAG_KEYS.items() if getattr(args, attr, None) is not None}
+    out = {f.key: getattr(args, name) for name, f in FLAGS.items() if getattr(args, name, None) is not None}
     if getattr(args, "no_progress", False):
         out["train.progress"] = False
     return out
 
 
-def build_config(args: argparse.Namespace, default_config: str | None = None) -> Config:
-    """YAML, then ``--set`` overrides, then explicit flags (the command line wins over the YAML)."""
-    path = resolve_config_path(args.config or default_config)
+def command_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``--set`` overrides, then the flags (the flags win)."""
     overrides: dict[str, Any] = {}
-    from promptdml.config import parse_override
-
     for text in args.overrides:
         key, value = parse_override(text)
         overrides[key] = value
     overrides.update(_flag_overrides(args))
-    return load_config(path, overrides)
+    return overrides
+
+
+def build_config(args: argparse.Namespace, default_config: str | None = None) -> Config:
+    """YAML, then ``--set`` overrides, then explicit flags (the command line wins over the YAML)."""
+    return load_config(getattr(args, "config", None) or default_config, command_overrides(args))
+
+
+class _OncePerMessage(logging.Filter):
+    """Drop records of loggers that print them with their own handler already (huggingface_hub installs a
+    stderr handler on its logger), so that each warning appears once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None and logger is not logging.root:
+            if logger.handlers:
+                return False
+            if not logger.propagate:
+                break
+            logger = logger.parent  # type: ignore[assignment]
+        return True
+
+
+def configure_logging(debug: bool = False) -> None:
+    """WARNING (INFO with --debug) on stderr, one copy of each message."""
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(levelname)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _OncePerMessage) for f in handler.filters):
+            handler.addFilter(_OncePerMessage())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,32 +190,17 @@ def _resume_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from promptdml.config import set_key
-    from promptdml.data import build_splits
-    from promptdml.engine import evaluate, load_model
-    from promptdml.engine.checkpoint import read_checkpoint
-    from promptdml.engine.device import resolve_device, resolve_precision
+    from promptdml.engine import evaluate_run
+    from promptdml.files import atomic_write_text
 
-    _, cfg, _ = read_checkpoint(args.run)
-    for key, value in _flag_overrides(args).items():
-        set_key(cfg, key, value)
-    cfg.validate()
-    device = resolve_device(cfg.train.device)
-    model, cfg = load_model(args.run, cfg, device)
-    splits = build_splits(cfg.data)
-    if args.split == "val" and splits.val is None:
-        raise ConfigError(f"--split val: the data of this run has no validation split (data.val_ratio="
-                          f"{cfg.data.val_ratio}); evaluate --split test, or train with --set data.val_ratio=0.2")
     out = Path(args.out) if args.out else (Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent)
     target = out / f"metrics_eval_{args.split}.json" if out.is_dir() else out
     if target.is_dir():
         raise ConfigError(f"--out '{target}' is a folder; pass a file name or an existing folder")
     report: dict[str, Any] = {}
-    metrics = evaluate(model, splits, cfg, device, resolve_precision(cfg.train.precision, device), args.split,
-                       progress=not args.no_progress, report=report)
+    metrics = evaluate_run(args.run, args.split, command_overrides(args),
+                           progress=False if args.no_progress else None, report=report)
     print(_metrics_table({args.split: metrics}))
-    from promptdml.files import atomic_write_text
-
     payload: dict[str, Any] = dict(metrics)
     if report.get("unreadable"):
         payload["unreadable_eval_images"] = report["unreadable"]
@@ -201,7 +250,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = build_config(args, default_config="demo")
     print(f"promptdml demo: {cfg.model.backbone.name} @ {cfg.model.backbone.img_size}px on built-in "
           f"procedural data ({cfg.data.demo_classes} classes, first {cfg.data.train_ratio:.0%} train, rest "
-          f"test), {cfg.train.epochs} epochs")
+          f"test), {plural(cfg.train.epochs, 'epoch')}")
     trainer = Trainer(cfg, overwrite=args.overwrite)
     try:
         result = trainer.fit(evaluate_before=True)
@@ -240,23 +289,26 @@ def _add_tune_parser(sub: Any) -> None:
                                    "to continue an interrupted search). Writes OUT/best.yaml (train it with "
                                    "promptdml train --config OUT/best.yaml), trials.csv, val_map_r.png and "
                                    "importance.json. Needs: pip install \"promptdml[tune]\". Guide: docs/tune.md")
-    _add_config_args(p)
+    add_config_flags(p, "tune")
     p.add_argument("--trials", type=int, default=20,
                    help="completed + pruned trials to reach, counting earlier runs of the study (default 20)")
     p.add_argument("--space", help="search-space YAML (config keys with {low, high[, log|step]} or {choices}); "
                                    "default: the shipped VPTSP-G space (configs/spaces/vptsp_g.yaml)")
     p.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
     p.add_argument("--out", help="study folder (default: OUTPUT_DIR/tune-NAME, e.g. runs/tune-demo)")
-    p.add_argument("--epochs", type=int, help="train.epochs of every trial")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_flag(p)
     p.set_defaults(func=cmd_tune)
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from promptdml.data import check_dataset
+    from promptdml.data import DataError, inspect_dataset
 
     cfg = build_config(args, default_config=None)
-    print(check_dataset(cfg.data, verify_images=not args.quick))
+    report, blocking = inspect_dataset(cfg.data, verify_images=not args.quick, progress=not args.no_progress)
+    print(report)
+    if blocking:
+        raise DataError(f"{plural(len(blocking), 'problem')} above would stop training (listed under 'blocking'); "
+                        "fix them, then run promptdml data check again.")
     return 0
 
 
@@ -278,19 +330,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Parameter-efficient deep metric learning: train visual prompts, biases and a head on a "
                     "frozen timm ViT with semantic proxies (VPTSP-G), and evaluate image retrieval.",
         epilog=f"Docs: {DOCS}")
+    parser.add_argument("--version", action="version", version=f"promptdml {__version__}",
+                        help="print the version and exit")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model and evaluate it on the test split",
                        description="Train on a dataset and write a run directory (config, log, plot, "
                                    "checkpoint, metrics). Example: promptdml train --config cub200_small "
                                    "--data-root ~/data. Your own images: docs/train-your-data.md; benchmarks: "
                                    "docs/train-benchmark.md; all keys for --set: docs/configuration.md")
-    _add_config_args(p, config_required=False)
-    _add_train_flags(p)
+    add_config_flags(p, "train")
+    add_progress_flag(p)
+    add_overwrite_flag(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last saved state "
                                                        "(its own config is used; only --weights, --data-root and "
-                                                       "--device may change, for moved files)")
+                                                       "--device may change, for moved files; other options are "
+                                                       "ignored with a warning)")
     p.add_argument("--resume-anyway", action="store_true",
                    help="with --resume: continue even if the data or backbone weights differ from the run's")
     p.add_argument("--check", action="store_true",
@@ -298,41 +354,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="reload a run and compute retrieval metrics",
-                       description="Rebuild a trained model from RUN_DIR on its frozen backbone and evaluate it.")
-    p.add_argument("--run", required=True, help="run directory (or its model.safetensors)")
-    p.add_argument("--data", "--data-root", dest="data_root", help="data root (default: the one used in training)")
-    p.add_argument("--dataset", help="data.dataset (default: the one used in training)")
-    p.add_argument("--weights", help="backbone weights file (default: the one used in training)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--split", default="test", choices=["test", "val"])
-    p.add_argument("--out", help="where to write the metrics JSON (default: the run directory)")
-    p.add_argument("--no-progress", action="store_true")
+                       description="Rebuild a trained model from RUN_DIR on its frozen backbone and evaluate it. "
+                                   "The run's own config is used; --set and the flags change it for this "
+                                   "evaluation, e.g. --set eval.recall_ks=[1,10] or --data-root elsewhere.")
+    p.add_argument("--run", required=True, metavar="RUN_DIR",
+                   help="run directory written by `promptdml train` (or its model.safetensors)")
+    add_config_flags(p, "evaluate", config="none")
+    p.add_argument("--split", default="test", choices=["test", "val"],
+                   help="which split to evaluate (default test; val needs data.val_ratio > 0)")
+    p.add_argument("--out", metavar="PATH",
+                   help="where to write the metrics JSON (default: RUN_DIR/metrics_eval_<split>.json)")
+    add_progress_flag(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("info", help="show the model's trainable parameters by group",
                        description="Build the model of a config (no weights needed) and count its trainable "
                                    "parameters per group.")
-    _add_config_args(p, config_required=True)
-    p.add_argument("--num-classes", type=int, help="number of training classes (default: from the dataset)")
+    add_config_flags(p, "info", config="required")
+    p.add_argument("--num-classes", type=int, metavar="N",
+                   help="number of training classes (default: from the dataset)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="train on built-in procedural data and show before/after metrics",
                        description="Train VPTSP-G on built-in generated data with a pretrained DINOv2 ViT-S/14 "
                                    "and report Recall@K and MAP@R of the frozen backbone and of the tuned "
-                                   "model. Offline: pass --weights FILE (or set PROMPTDML_WEIGHTS).")
-    _add_config_args(p)
-    _add_train_flags(p)
+                                   "model. Weights: --weights FILE, $PROMPTDML_WEIGHTS, the hub cache, then the "
+                                   "model hub (docs/getting-started.md).")
+    add_config_flags(p, "demo")
+    add_progress_flag(p)
+    add_overwrite_flag(p)
     p.set_defaults(func=cmd_demo)
 
     _add_tune_parser(sub)
 
-    p = sub.add_parser("data", help="dataset tools")
-    data_sub = p.add_subparsers(dest="data_command", required=True)
-    q = data_sub.add_parser("check", help="validate a dataset folder and print class/image counts per split",
-                            description="Validate the layout of a dataset without training.")
-    _add_config_args(q)
-    q.add_argument("--root", dest="data_root", help="data root (same as --data-root)")
-    q.add_argument("--quick", action="store_true", help="do not open every image")
+    p = sub.add_parser("data", help="dataset tools (data check)", description="Dataset tools.")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="{check}")
+    q = data_sub.add_parser("check", help="validate a dataset and print class/image counts per split",
+                            description="Validate the layout of a dataset without training: counts per split "
+                                        "and every problem; exit status 2 when a problem would stop training.")
+    add_config_flags(q, "data check")
+    q.add_argument("--quick", action="store_true", help="only check image headers, do not decode every image")
+    add_progress_flag(q)
     q.set_defaults(func=cmd_data_check)
 
     from promptdml.retrieval.commands import register
@@ -362,7 +424,7 @@ def error_message(e: BaseException) -> tuple[str, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
+    configure_logging(args.debug)
     try:
         return args.func(args)
     except KeyboardInterrupt:

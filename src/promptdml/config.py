@@ -230,7 +230,13 @@ class TrainConfig:
     keep_checkpoints: int = 1
     """How many per-epoch resume checkpoints to keep besides 'last' (0 = only 'last')."""
     tensorboard: bool = True
-    """Write TensorBoard event files (needs the tensorboard package)."""
+    """Write TensorBoard event files: per-epoch values and per-step loss and learning rates (needs the
+    tensorboard package: pip install "promptdml[viz]"; without it the run warns once and goes on)."""
+    plot: bool = True
+    """Draw training.png, the loss and metrics over the epochs (needs matplotlib: pip install "promptdml[viz]";
+    without it the run warns once and goes on)."""
+    log_steps: bool = False
+    """Also write steps.csv: one row per optimisation step (epoch, step, loss, lr, lr_proxy)."""
 
 
 @dataclass
@@ -591,16 +597,44 @@ def from_dict(data: dict[str, Any] | None, where: str = "a dict") -> Config:
     return cfg
 
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+"""The shipped configs (``demo``, ``cub200_small``, ...), installed with the package."""
+
+
+def shipped_configs() -> list[str]:
+    """Names of the shipped configs, sorted."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config(name: str | Path | None) -> Path | None:
+    """A YAML path, or the name of a shipped config (``cub200_small`` -> the packaged cub200_small.yaml)."""
+    if name is None or not str(name).strip():
+        return None
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    text = str(name)
+    if path.parent == Path(".") or path.parent.name == "configs":  # a bare name, or configs/<name>.yaml
+        stem = path.name if path.suffix in (".yaml", ".yml") else path.name + ".yaml"
+        shipped = CONFIG_DIR / stem
+        if shipped.is_file():
+            return shipped
+    close = difflib.get_close_matches(Path(text).stem, shipped_configs(), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    what = (f"config file '{path}' does not exist" if path.suffix in (".yaml", ".yml") or path.parent != Path(".")
+            else f"config '{text}' is neither a file nor a shipped config")
+    raise ConfigError(f"{what}.{hint} Pass a YAML file or the name of a shipped config: "
+                      f"{', '.join(shipped_configs())}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
                 validate: bool = True) -> Config:
-    """Load a YAML file (either form), then apply overrides (``["optim.lr=0.01"]`` or a dict)."""
+    """Load a YAML file (either form) or a shipped config by name (``"demo"``, ``"cub200_small"``), then apply
+    overrides (``["optim.lr=0.01"]`` or ``{"optim.lr": 0.01}``). No path: the defaults."""
     data: dict[str, Any] = {}
     where = "defaults"
+    path = resolve_config(path)
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist. Shipped configs live in configs/ "
-                              "(e.g. configs/demo.yaml, configs/cub200_small.yaml).")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -1,6 +1,6 @@
 """Datasets, splits, image decoding, transforms and class-balanced sampling."""
 
-from .check import check_dataset, format_report
+from .check import check_dataset, format_report, inspect_dataset
 from .images import IMAGE_EXTENSIONS, find_bad_images, image_problem, load_rgb
 from .loading import ImageDataset, build_eval_loader, build_train_loader
 from .records import DataError, ImageRecords, Splits
@@ -25,5 +25,6 @@ __all__ = [
     "find_bad_images",
     "format_report",
     "image_problem",
+    "inspect_dataset",
     "load_rgb",
 ]

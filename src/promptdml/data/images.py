@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from promptdml.progress import progress_bar
+
 __all__ = ["IMAGE_EXTENSIONS", "is_image_file", "load_rgb", "image_problem", "find_bad_images"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -101,11 +103,11 @@ def image_problem(path: str | os.PathLike, full: bool = False) -> str | None:
     return None
 
 
-def find_bad_images(paths: Sequence[str], mode: str = "header") -> dict[int, str]:
+def find_bad_images(paths: Sequence[str], mode: str = "header", progress: bool = False) -> dict[int, str]:
     """Check many files (threaded); returns ``{position: reason}`` of the bad ones.
 
     ``mode``: ``"exists"`` (file present and non-empty), ``"header"`` (+ PIL recognises it) or
-    ``"full"`` (+ decodes completely).
+    ``"full"`` (+ decodes completely). ``progress``: a progress bar over the files.
     """
     if mode not in ("exists", "header", "full"):
         raise ValueError(f"mode must be exists | header | full, got {mode!r}")
@@ -121,10 +123,18 @@ def find_bad_images(paths: Sequence[str], mode: str = "header") -> dict[int, str
             return "empty file (0 bytes)" if st.st_size == 0 else None
         return image_problem(p, full=(mode == "full"))
 
-    if len(paths) < 256:
-        results = [check(p) for p in paths]
-    else:
-        workers = min(32, 4 * (os.cpu_count() or 1))
-        with ThreadPoolExecutor(max_workers=workers) as ex:
-            results = list(ex.map(check, paths, chunksize=64))
+    desc = {"exists": "check files", "header": "check images", "full": "decode images"}[mode]
+    with progress_bar(total=len(paths), desc=desc, unit="img", enabled=progress) as bar:
+        if len(paths) < 256:
+            results = []
+            for p in paths:
+                results.append(check(p))
+                bar.update(1)
+        else:
+            workers = min(32, 4 * (os.cpu_count() or 1))
+            with ThreadPoolExecutor(max_workers=workers) as ex:
+                results = []
+                for r in ex.map(check, paths, chunksize=64):
+                    results.append(r)
+                    bar.update(1)
     return {i: r for i, r in enumerate(results) if r is not None}

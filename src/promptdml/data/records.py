@@ -90,6 +90,8 @@ class Splits:
     """dataset kind (``cfg.dataset``)"""
     root: str = ""
     """the folder / list file the images were read from"""
+    blocking: list[str] = field(default_factory=list)
+    """problems that stop training (only with ``build_splits(strict=False)``; otherwise they are raised)"""
 
     @property
     def protocol(self) -> str:

@@ -10,6 +10,22 @@ import torch
 __all__ = ["ClassBalancedBatchSampler"]
 
 
+
+def batch_too_large(num_classes: int, batch_size: int, samples_per_class: int) -> str | None:
+    """The error for a batch that needs more classes than the training split has, with the flag to pass
+    (None when the batch fits)."""
+    k = samples_per_class
+    need = batch_size // k
+    if num_classes >= need:
+        return None
+    fits = num_classes * k
+    fix = (f"Pass --batch-size {fits} (data.batch_size={fits}: {num_classes} classes x {k} images)"
+           if num_classes >= 2 else "Add classes to the training split")
+    return (f"a batch of data.batch_size={batch_size} with data.samples_per_class={k} images per class holds "
+            f"{need} distinct classes, but the training split has only {num_classes} classes. {fix}, or use more "
+            "classes (see docs/train-your-data.md).")
+
+
 class _Cycle:
     """Draws items from a set in shuffled passes; ``take(n)`` never returns duplicates."""
 
@@ -65,10 +81,7 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
         if len(classes) < m:
             from .records import DataError
 
-            raise DataError(
-                f"batch_size / samples_per_class = {batch_size} / {k} = {m} classes per batch, but the training "
-                f"split has only {len(classes)} classes. Lower data.batch_size or raise data.samples_per_class "
-                "(see docs/train-your-data.md).")
+            raise DataError(batch_too_large(len(classes), batch_size, k))
         order = np.argsort(inverse, kind="stable")
         bounds = np.cumsum(np.bincount(inverse, minlength=len(classes)))[:-1]
         self.class_indices: list[np.ndarray] = np.split(order, bounds)

@@ -235,7 +235,7 @@ def _read_folder(cfg, with_test: bool = True, root: Path | None = None) -> _Raw:
     return _Raw(items, str(root), problems, class_dir=lambda c: str(root / c))
 
 
-def _read_demo(cfg, with_test: bool = True) -> _Raw:
+def _read_demo(cfg, with_test: bool = True, progress: bool = False) -> _Raw:
     try:
         from .synthetic import generate_demo_dataset
     except ImportError as e:  # pragma: no cover - the generator ships with the package
@@ -244,7 +244,7 @@ def _read_demo(cfg, with_test: bool = True) -> _Raw:
     root = root.absolute()
     try:
         generate_demo_dataset(root, num_classes=cfg.demo_classes, images_per_class=cfg.demo_images_per_class,
-                              image_size=cfg.demo_image_size, seed=0, progress=False)
+                              image_size=cfg.demo_image_size, seed=0, progress=progress)
     except ValueError as e:
         raise DataError(f"demo data: {e} (data.demo_classes / data.demo_images_per_class / "
                         f"data.demo_image_size)") from None
@@ -529,8 +529,8 @@ def _report(problems: list[str], new: list[str]) -> None:
     problems.extend(new)
 
 
-def _drop_bad(raw: _Raw, check_images: str, problems: list[str]) -> list[_Item]:
-    bad = find_bad_images([it.path for it in raw.items], check_images)
+def _drop_bad(raw: _Raw, check_images: str, problems: list[str], progress: bool = False) -> list[_Item]:
+    bad = find_bad_images([it.path for it in raw.items], check_images, progress=progress)
     if len(raw.items) >= 10 and len(bad) > len(raw.items) // 2:
         i, reason = min(bad.items())
         it = raw.items[i]
@@ -631,7 +631,8 @@ def _require_classes(rec: ImageRecords, split: str, where: str) -> None:
                         f"least 2 are needed. Check the dataset (see `promptdml data check`).")
 
 
-def build_splits(cfg, check_images: str = "header", with_test: bool = True) -> Splits:
+def build_splits(cfg, check_images: str = "header", with_test: bool = True, strict: bool = True,
+                 progress: bool = False) -> Splits:
     """Read ``cfg.dataset`` under ``cfg.root`` and return its :class:`Splits`.
 
     ``check_images``: ``"header"`` (default: file exists, non-empty, PIL recognises it), ``"full"``
@@ -644,14 +645,19 @@ def build_splits(cfg, check_images: str = "header", with_test: bool = True) -> S
     folders, SOP's and iNaturalist's test lists are not read); the kinds split by class order (``folder``,
     ``demo``, ``csv`` without a split column, ``cars196``) list every class to number the classes, so the
     training and validation classes are exactly those of a full build.
+
+    ``strict=False`` (``promptdml data check``): problems that would stop training but still leave splits to
+    report (training classes with a single image) are listed in ``Splits.blocking`` instead of raised.
+    ``progress``: progress bars for the demo data generation and the image checks.
     """
     kind = str(cfg.dataset)
     if kind not in _READERS:
         raise DataError(f"unknown data.dataset '{kind}'; choose one of {list(DATASETS)}")
-    raw = _READERS[kind](cfg, with_test)
+    raw = _READERS[kind](cfg, with_test, progress=progress) if kind == "demo" else _READERS[kind](cfg, with_test)
     raw.kind = raw.kind or kind
     raw.layout = raw.layout or _LAYOUTS.get(kind, "")
     problems: list[str] = []
+    blocking: list[str] = []
     _report(problems, raw.problems)
     _check_duplicates(raw)
     where = f"{kind} dataset at '{raw.root}'"
@@ -660,7 +666,7 @@ def build_splits(cfg, check_images: str = "header", with_test: bool = True) -> S
         _assign_split_by_class(raw.items, float(cfg.train_ratio), where)
     if not with_test:  # the other splits' images are never checked nor read
         raw.items = [it for it in raw.items if it.split == "train"]
-    items = _drop_bad(raw, check_images, problems)
+    items = _drop_bad(raw, check_images, problems, progress)
     if not items:
         raise DataError(f"{where}: no readable images (see the problems above)")
 
@@ -707,11 +713,14 @@ def build_splits(cfg, check_images: str = "header", with_test: bool = True) -> S
         msg = (f"{len(single)} training class(es) have a single image and cannot form a positive pair: {shown}. "
                f"Add images to them or remove them")
         if kind in _USER_KINDS:
-            raise DataError(msg + ".")
-        _report(problems, [msg + " (kept: the sampler repeats the image with augmentation)."])
+            if strict:
+                raise DataError(msg + ".")
+            blocking.append(msg + ".")
+        else:
+            _report(problems, [msg + " (kept: the sampler repeats the image with augmentation)."])
 
     splits = Splits(train=train, test=test, query=query, gallery=gallery, val=val, problems=problems,
-                    name=kind, root=raw.root)
+                    name=kind, root=raw.root, blocking=blocking)
     _warn_same_content(splits, problems)
     return splits
 

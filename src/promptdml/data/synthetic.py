@@ -352,15 +352,9 @@ def generate_demo_dataset(root: str | Path, num_classes: int = 64, images_per_cl
         if child.is_dir() and _CLASS_DIR_RE.match(child.name) and child.name not in wanted:
             shutil.rmtree(child)
 
-    items = range(num_classes)
-    if progress:
-        try:
-            from tqdm import tqdm
+    from promptdml.progress import progress_bar
 
-            items = tqdm(items, desc="demo data", unit="class")
-        except ImportError:  # pragma: no cover
-            pass
-    for c in items:
+    for c in progress_bar(range(num_classes), desc="demo data", unit="class", enabled=progress):
         d = root / class_name(c)
         d.mkdir(exist_ok=True)
         for stale in d.iterdir():

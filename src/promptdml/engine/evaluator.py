@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from promptdml.config import Config
 from promptdml.data import ImageRecords, Splits, build_eval_loader, build_transforms
@@ -23,6 +23,7 @@ from promptdml.engine.distributed import (
 from promptdml.errors import DataError
 from promptdml.metrics import retrieval_metrics
 from promptdml.models import PromptDMLModel
+from promptdml.progress import progress_bar
 
 log = logging.getLogger("promptdml")
 
@@ -62,7 +63,7 @@ def embed_records(model: PromptDMLModel, records: ImageRecords, cfg: Config, dev
     out: torch.Tensor | None = None if forward is not None else torch.empty(len(records), dim)
     mine: list[torch.Tensor] = []
     bad: dict[int, str] = {}
-    for images, labels, index, errors in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for images, labels, index, errors in progress_bar(loader, desc=desc, enabled=progress, unit="batch"):
         images = images.to(device, non_blocking=True)
         with autocast(device, dtype):
             if forward is not None:
@@ -163,7 +164,7 @@ def _evaluate(model: PromptDMLModel, splits: Splits, cfg: Config, device: torch.
         q, qy = _readable(splits.query, q, qf, "query", report)
         g, gy = _readable(splits.gallery, g, gf, "gallery", report)
         _warn_large_k(ks, len(g), "query")
-        return retrieval_metrics(g, gy, ks, query_embeddings=q, query_labels=qy)
+        return retrieval_metrics(g, gy, ks, query_embeddings=q, query_labels=qy, progress=progress)
     records = getattr(splits, split)
     if records is None:
         hint = " (set data.val_ratio > 0 to hold out validation classes)" if split == "val" else ""
@@ -175,4 +176,36 @@ def _evaluate(model: PromptDMLModel, splits: Splits, cfg: Config, device: torch.
         return None
     emb, labels = _readable(records, emb, failed, split, report)
     _warn_large_k(ks, len(labels) - 1, split)
-    return retrieval_metrics(emb, labels, ks)
+    return retrieval_metrics(emb, labels, ks, progress=progress)
+
+
+def evaluate_run(run: str | Path, split: str = "test", overrides: dict[str, Any] | list[str] | None = None,
+                 progress: bool | None = None, report: dict[str, Any] | None = None) -> dict[str, float]:
+    """Rebuild the model of a run directory (or its ``model.safetensors``) on its frozen backbone and evaluate it.
+
+    ``overrides`` change the run's stored config first, like ``promptdml evaluate --set KEY=VALUE``: e.g.
+    ``{"data.root": "elsewhere", "eval.recall_ks": [1, 10]}``. ``progress=None`` follows ``train.progress``.
+    Returns Recall@K, MAP@R and R-Precision, as ``promptdml evaluate`` prints them; ``report`` receives the
+    images that could not be decoded (``report["unreadable"]``).
+    """
+    from promptdml.config import ConfigError, parse_override, set_key
+    from promptdml.data import build_splits
+    from promptdml.engine.checkpoint import load_model, read_checkpoint
+    from promptdml.engine.device import resolve_device, resolve_precision
+
+    if split not in ("test", "val"):
+        raise ConfigError(f"split must be 'test' or 'val', got {split!r}")
+    _, cfg, _ = read_checkpoint(run)
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in (overrides or [])]
+    for key, value in items:
+        set_key(cfg, key, value)
+    cfg.validate()
+    device = resolve_device(cfg.train.device)
+    model, cfg = load_model(run, cfg, device)
+    splits = build_splits(cfg.data)
+    if split == "val" and splits.val is None:
+        raise ConfigError(f"--split val: the data of this run has no validation split (data.val_ratio="
+                          f"{cfg.data.val_ratio}); evaluate --split test, or train with --set data.val_ratio=0.2")
+    show = cfg.train.progress if progress is None else progress
+    return evaluate(model, splits, cfg, device, resolve_precision(cfg.train.precision, device), split,
+                    progress=show, report=report)

@@ -9,6 +9,7 @@ from typing import Any
 from promptdml.config import Config, ModelConfig
 from promptdml.files import atomic_write_text
 from promptdml.models.backbone import resolve_weights_file
+from promptdml.text import plural
 
 
 def method_name(m: ModelConfig) -> str:
@@ -33,11 +34,7 @@ def method_name(m: ModelConfig) -> str:
 def write_model_card(run_dir: Path, cfg: Config, summary: dict[str, Any], class_count: int,
                      test_classes: int | None) -> Path:
     b, d = cfg.model.backbone, cfg.data
-    try:
-        weights = resolve_weights_file(b)
-    except Exception:  # the card must never fail a finished run
-        weights = None
-    source = f"local file `{weights}`" if weights else "the model hub (timm pretrained tag)"
+    source = summary.get("backbone_weights") or "the model hub (timm pretrained tag)"
     params = summary["parameters"]
     metrics, heading = summary.get("test") or {}, "Test metrics (last epoch)"
     if not metrics and summary.get("val"):  # trained without the test split (promptdml tune's trials)
@@ -57,7 +54,7 @@ def write_model_card(run_dir: Path, cfg: Config, summary: dict[str, Any], class_
 - **Embedding**: {cfg.model.embed_dim}-d, L2-normalised (CLS -> LayerNorm -> Linear)
 - **Data**: `{d.dataset}` at `{d.root or '(default location)'}`: {class_count} training classes, {split};
   test classes: {test_classes if test_classes is not None else tests_line}
-- **Training**: {cfg.train.epochs} epochs, {cfg.optim.optimizer} lr {cfg.optim.lr:g} (proxies {cfg.optim.lr_proxy:g}),
+- **Training**: {plural(cfg.train.epochs, 'epoch')}, {cfg.optim.optimizer} lr {cfg.optim.lr:g} (proxies {cfg.optim.lr_proxy:g}),
   batch {d.batch_size} with {d.samples_per_class} images per class, {summary['precision']} on {summary['device']},
   {summary['train_seconds']:.0f} s; Proxy Anchor normalisation: {summary['loss_normalization']}
 

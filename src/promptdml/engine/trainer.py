@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from promptdml.config import Config, ConfigError, save_config
 from promptdml.data import Splits, build_splits, build_transforms
@@ -57,10 +56,13 @@ from promptdml.engine.state import (
     set_rng_state,
 )
 from promptdml.errors import BackboneError, DataError, TrainingError
+from promptdml.extras import optional_import
 from promptdml.files import atomic_write_text
 from promptdml.losses import build_loss
 from promptdml.metrics import mean_pairwise_cosine
 from promptdml.models import PromptDMLModel, count_parameters, create_model, format_parameter_report
+from promptdml.models.backbone import resolve_weights
+from promptdml.progress import progress_bar
 
 log = logging.getLogger("promptdml")
 
@@ -186,7 +188,10 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         self.dtype = resolve_precision(cfg.train.precision, self.device)
-        self.splits = splits if splits is not None else build_splits(cfg.data)
+        if cfg.model.backbone.pretrained:  # fail in seconds when no weights can be had, before reading the data
+            resolve_weights(cfg.model.backbone)
+        self.splits = splits if splits is not None else build_splits(
+            cfg.data, progress=cfg.train.progress and self.dist.is_main)
         train = self.splits.train
         _warn_small_classes(train, cfg.data.samples_per_class)
         model = create_model(cfg.model, train.num_classes)
@@ -220,12 +225,15 @@ class Trainer:
         self.before: dict[str, float] | None = None
         self.train_seconds = 0.0
         self._stop_signal: int | None = None
-        self._tb = None
+        self._tb: Any = None  # the TensorBoard writer, created on first use (False: unavailable)
+        self._step_rows: list[dict[str, float]] = []  # steps.csv rows not yet written (written with the state)
         self.eval_report: dict[str, Any] = {}
         if resume:  # every rank reads checkpoints/last.pt (a shared file system across nodes)
             state = load_resume_state(self.run_dir)
             self._check_resume(state, resume_anyway)
             self.load_state(state)
+            if self.dist.is_main:
+                self._truncate_step_log()
         if self.dist.enabled:
             check_replicas_equal(self.model.trainable_state(), self.dist, "initial trainable state")
 
@@ -353,6 +361,24 @@ class Trainer:
         value = loss.item()  # the step's one device sync; the geometry probe below comes after it
         self._embedding_cos.append(mean_pairwise_cosine(embeddings))
         return value
+
+    def _step_lrs(self) -> tuple[float, float]:
+        """The learning rates the last step used (main group, proxy bias), warm-up factor included."""
+        steps = self._steps(self.cfg.optim.warmup_epochs)
+        factor = min(1.0, self.global_step / steps) if steps else 1.0  # global_step counts the step just taken
+        return (self.optimizers[0].param_groups[0]["lr"] * factor, self.optimizers[1].param_groups[0]["lr"] * factor)
+
+    def _log_step(self, epoch: int, loss: float, lr: tuple[float, float]) -> None:
+        """Per-step loss and learning rates: TensorBoard (``step/*``) and, with train.log_steps, steps.csv."""
+        tb = self._tensorboard()
+        if tb is not None:
+            if math.isfinite(loss):
+                tb.add_scalar("step/loss", loss, self.global_step)
+            tb.add_scalar("step/lr", lr[0], self.global_step)
+            tb.add_scalar("step/lr_proxy", lr[1], self.global_step)
+        if self.cfg.train.log_steps:
+            self._step_rows.append({"step": self.global_step, "epoch": epoch, "loss": loss, "lr": lr[0],
+                                    "lr_proxy": lr[1]})
 
     def _steps(self, epochs: float) -> int:
         return round(epochs * len(self.loader)) if epochs > 0 else 0
@@ -516,6 +542,7 @@ class Trainer:
             "precision": str(self.dtype).replace("torch.", "") if self.dtype else "fp32",
             "peak_memory_mb": _peak_memory_mb(self.device),
             "unreadable_eval_images": unreadable,
+            "backbone_weights": _weights_description(self.model),
         }
         val = {k[4:]: v for k, v in self.history[-1].items() if k.startswith("val_")} if self.history else {}
         if val:
@@ -527,7 +554,7 @@ class Trainer:
         test = self.splits.test
         write_model_card(self.run_dir, cfg, summary, self.splits.train.num_classes,
                          test.num_classes if test is not None else None)
-        if self._tb is not None:
+        if self._tb:
             self._tb.close()
         self.dist.barrier()
         return TrainResult(self.run_dir, metrics, self.history, self.before)
@@ -541,8 +568,8 @@ class Trainer:
         t0, losses, n_images, consecutive_bad = time.time(), [], 0, 0
         self._embedding_cos = []
         skip = self.step_in_epoch
-        bar = tqdm(total=len(self.loader), initial=skip, desc=f"epoch {epoch}/{cfg.train.epochs}",
-                   disable=not (cfg.train.progress and self.dist.is_main), leave=False)
+        bar = progress_bar(total=len(self.loader), initial=skip, desc=f"epoch {epoch}/{cfg.train.epochs}",
+                           enabled=cfg.train.progress and self.dist.is_main, unit="step")
         batches = iter(self.loader) if skip == 0 else _skip_batches(self.loader, skip)
         for images, labels, _ in batches:
             value = self.train_step(images, labels)
@@ -559,8 +586,11 @@ class Trainer:
                 consecutive_bad = 0
                 losses.append(value)
             n_images += labels.numel() * self.dist.world_size  # global images
+            lr = self._step_lrs()
+            if self.dist.is_main:
+                self._log_step(epoch, value, lr)
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{self.optimizers[0].param_groups[0]['lr']:.2e}",
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr[0]:.2e}",
                             img_s=f"{n_images / max(time.time() - t0, 1e-9):.1f}")
             if self._stop_requested() and self.step_in_epoch < len(self.loader):
                 bar.close()
@@ -686,12 +716,52 @@ class Trainer:
             return
         folder = self.run_dir / RESUME_DIR
         state = self.state_dict()
+        self._flush_step_log()  # steps.csv always ends where the saved state does
         atomic_torch_save(state, folder / LAST)
         keep = self.cfg.train.keep_checkpoints
         if keep > 0 and self.step_in_epoch == 0:
             atomic_torch_save(state, folder / f"epoch_{self.epoch:04d}.pt")
             for old in sorted(folder.glob("epoch_*.pt"))[:-keep]:
                 old.unlink()
+
+    STEP_LOG = "steps.csv"
+    STEP_FIELDS = ("step", "epoch", "loss", "lr", "lr_proxy")
+
+    def _flush_step_log(self) -> None:
+        if not self._step_rows:
+            return
+        path = self.run_dir / self.STEP_LOG
+        new = not path.is_file()
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.STEP_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerows(self._step_rows)
+        self._step_rows = []
+
+    def _truncate_step_log(self) -> None:
+        """Resume: drop steps.csv rows after the saved state (a crash may have left none, a signal none)."""
+        path = self.run_dir / self.STEP_LOG
+        if not path.is_file():
+            return
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.global_step]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.STEP_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def _tensorboard(self) -> Any:
+        """The run's TensorBoard writer (rank 0), or None when off or tensorboard is not installed."""
+        if self._tb is None:
+            self._tb = False
+            if self.cfg.train.tensorboard and self.dist.is_main and optional_import(
+                    "torch.utils.tensorboard", "TensorBoard logging", "viz", "train.tensorboard",
+                    package="tensorboard") is not None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        return self._tb or None
 
     def _write_log(self, row: dict[str, float]) -> None:
         keys: list[str] = []
@@ -701,22 +771,16 @@ class Trainer:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(self.history)
-        plot_history(self.history, self.run_dir / "training.png")
-        if self.cfg.train.tensorboard:
-            if self._tb is None:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:
-                    log.warning("train.tensorboard is on but the tensorboard package is not installed "
-                                "(pip install tensorboard); skipping event files")
-                    self.cfg.train.tensorboard = False
-                    return
-                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if self.cfg.train.plot and optional_import("matplotlib", "training.png (the training plot)", "viz",
+                                                   "train.plot") is not None:
+            plot_history(self.history, self.run_dir / "training.png", before=self.before)
+        tb = self._tensorboard()
+        if tb is not None:
             for key, value in row.items():
                 if key != "epoch":
-                    self._tb.add_scalar(key.replace("_", "/", 1) if key.startswith(("test_", "val_")) else
-                                        f"train/{key}", value, int(row["epoch"]))
-            self._tb.flush()
+                    tb.add_scalar(key.replace("_", "/", 1) if key.startswith(("test_", "val_")) else
+                                  f"train/{key}", value, int(row["epoch"]))
+            tb.flush()
 
 
 class TrainingInterrupted(TrainingError):
@@ -788,6 +852,11 @@ def _peak_memory_mb(device: torch.device) -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _weights_description(model: PromptDMLModel) -> str:
+    source = getattr(model.backbone.vit, "weights_source", None)
+    return source.describe() if source is not None else "none (randomly initialised backbone)"
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

@@ -1,4 +1,4 @@
-"""Exact retrieval and clustering metrics for deep metric learning (METHOD.md section 4).
+"""Exact retrieval and clustering metrics for deep metric learning (docs/evaluate.md, 'The metrics').
 
 Main entry point: :func:`retrieval_metrics`. Embeddings are L2-normalised inside and ranked by
 fp32 cosine similarity; exact ties are broken by ascending reference index.

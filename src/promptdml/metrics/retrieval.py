@@ -1,6 +1,6 @@
 """Retrieval metrics: Recall@K, MAP@R, R-Precision (and NMI / pair-counting F1 on request).
 
-Definitions (METHOD.md section 4). For a query with label ``y``, ``R`` is the number of *other*
+Definitions (docs/evaluate.md, 'The metrics'). For a query with label ``y``, ``R`` is the number of *other*
 items labelled ``y`` in the reference set (the query itself is excluded by index in the
 test-set-against-itself protocol; in the query/gallery protocol nothing is excluded). Queries
 with ``R = 0`` are skipped by every retrieval metric (they are not counted in the mean).
@@ -33,6 +33,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+
+from promptdml.progress import progress_bar
 
 from .knn import (
     _full_row_topk,
@@ -234,7 +236,7 @@ def _check_ks(ks) -> list[int]:
 # evaluation paths
 
 
-def _eval_torch(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk) -> _Acc:
+def _eval_torch(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, bar=None) -> _Acc:
     n_ref = ref.shape[0]
     n_avail = n_ref - int(exclude_self)
     groups = _LabelGroups(ref_y)
@@ -243,6 +245,8 @@ def _eval_torch(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk) 
     col = torch.arange(n_ref, device=q.device)
     sum_dtype = torch.float32 if n_ref < 2**24 else torch.float64
     for s, e in _iter_chunks(q.shape[0], chunk):
+        if bar is not None:
+            bar.update(e - s)
         rc = num_rel[s:e]
         valid = rc > 0
         if not bool(valid.any()):
@@ -293,13 +297,15 @@ def _eval_torch(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk) 
     return acc
 
 
-def _eval_knn(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, backend) -> _Acc:
+def _eval_knn(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, backend, bar=None) -> _Acc:
     n_avail = ref.shape[0] - int(exclude_self)
     valid_all = num_rel > 0
     max_r = int(num_rel[valid_all].max()) if bool(valid_all.any()) else 0
     kk = min(max(ks[-1] if ks else 0, max_r if need_rank else 0, 1), n_avail)
     acc = _Acc(ks, q.shape[0], q.device)
     for s, e, _, idx in iter_knn(q, ref, kk, exclude_self=exclude_self, backend=backend, chunk_size=chunk):
+        if bar is not None:
+            bar.update(e - s)
         rc = num_rel[s:e]
         rel = ref_y[idx] == qy[s:e, None]
         ap = rp = None
@@ -324,6 +330,7 @@ def retrieval_metrics(
     device=None,
     chunk_size=None,
     seed=0,
+    progress=False,
 ) -> dict[str, float]:
     """Exact retrieval metrics of an embedding.
 
@@ -340,6 +347,7 @@ def retrieval_metrics(
         backend: ``"auto"`` | ``"torch"`` | ``"faiss"`` (see module docstring); also used for k-means.
         device: compute device (default: that of ``embeddings`` if a tensor, else CPU).
         chunk_size: queries per chunk (default keeps each ``[chunk, N]`` block near 512 MiB).
+        progress: show a progress bar over the queries (on a terminal; about a minute at SOP size on a CPU).
 
     Returns:
         ``{"recall@K": ..., "map@r": ..., "r_precision": ..., "nmi": ..., "f1": ...}`` as python
@@ -372,12 +380,14 @@ def retrieval_metrics(
     if (ks or need_rank) and ref.shape[0] > int(exclude_self) and q.shape[0] > 0:
         num_rel = count_relevant(qy, ref_y, exclude_self)
         chunk = int(chunk_size) if chunk_size else default_chunk_size(ref.shape[0])
-        if backend == "faiss":
-            acc = _eval_knn(
-                q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, _resolve_backend("faiss", dev)
-            )
-        else:
-            acc = _eval_torch(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk)
+        with progress_bar(total=q.shape[0], desc="metrics", unit="query", enabled=bool(progress)) as bar:
+            if backend == "faiss":
+                acc = _eval_knn(
+                    q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, _resolve_backend("faiss", dev),
+                    bar,
+                )
+            else:
+                acc = _eval_torch(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, bar)
         out.update(acc.result(bool(map_r), bool(r_precision)))
     else:
         out.update(_Acc(ks).result(bool(map_r), bool(r_precision)))

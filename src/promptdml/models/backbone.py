@@ -10,11 +10,17 @@ the prefix tokens before each block and dropped after it (VPT-deep).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import pickle
+import socket
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -28,6 +34,11 @@ log = logging.getLogger("promptdml")
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 WEIGHTS_ENV = "PROMPTDML_WEIGHTS"
+HUB_PROBE_TIMEOUT_S = 3.0
+"""Seconds to wait for a TCP connection to the model hub before calling it unreachable."""
+WEIGHTS_DOCS = "docs/getting-started.md#pretrained-weights-offline"
+
+log = logging.getLogger("promptdml")
 
 
 
@@ -36,35 +47,93 @@ def _architecture(name: str) -> str:
     return name.split(".", 1)[0]
 
 
-def resolve_weights_file(cfg: BackboneConfig) -> Path | None:
-    """The local weights file to use, or None for the model hub.
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where the backbone's pretrained weights come from: a local file, or (``path=None``) a hub download."""
 
-    ``cfg.weights`` (or the ``PROMPTDML_WEIGHTS`` environment variable when it is empty) may be a file,
-    or a folder searched for ``<architecture>*.{safetensors,pth,bin,npz}`` (e.g.
-    ``vit_small_patch14_dinov2.lvd142m.safetensors``).
+    path: Path | None
+    origin: str
+    """``model.backbone.weights``, ``$PROMPTDML_WEIGHTS``, ``hub cache`` or ``hub``."""
+
+    def describe(self) -> str:
+        if self.path is None:
+            return "the model hub (downloaded by timm)"
+        return f"local file {self.path} (from {self.origin})"
+
+
+def resolve_weights(cfg: BackboneConfig, check_hub: bool = True) -> WeightsSource:
+    """The one place that decides where the pretrained weights of ``cfg.name`` come from, in this order:
+
+    1. ``cfg.weights`` (``--weights``): a file, or a folder searched for ``<architecture>[.tag].<suffix>``;
+    2. ``$PROMPTDML_WEIGHTS``: the same, but a folder without a matching file falls through;
+    3. the hub cache (``huggingface_hub``'s cache, then torch hub's ``checkpoints/``): a file downloaded before;
+    4. the model hub, only when it answers (``HF_HUB_OFFLINE`` unset, a TCP connection within
+       :data:`HUB_PROBE_TIMEOUT_S` seconds); otherwise a :class:`BackboneError` naming the three offline routes.
+
+    A local file (routes 1-3) means timm reads that file and makes no network access.
     """
-    source = cfg.weights or os.environ.get(WEIGHTS_ENV, "")
-    if not source:
-        return None
+    if cfg.weights:
+        found = _local_weights(cfg.weights, cfg.name, "model.backbone.weights / --weights", strict=True)
+        assert found is not None
+        return WeightsSource(found, "model.backbone.weights")
+    env = os.environ.get(WEIGHTS_ENV, "").strip()
+    if env:
+        found = _local_weights(env, cfg.name, f"${WEIGHTS_ENV}", strict=False)
+        if found is not None:
+            return WeightsSource(found, f"${WEIGHTS_ENV}")
+    pretrained = _pretrained_cfg(cfg.name)
+    if pretrained is None:  # unknown to timm: create_model reports it with the list of names
+        return WeightsSource(None, "hub")
+    cached = hub_cache_file(pretrained)
+    if cached is not None:
+        return WeightsSource(cached, "hub cache")
+    if check_hub:
+        reason = hub_unreachable_reason(pretrained)
+        if reason:
+            skipped = f" ${WEIGHTS_ENV}={env} holds no file for '{_architecture(cfg.name)}'." if env else ""
+            raise BackboneError(no_weights_message(cfg.name, reason + "." + skipped))
+    return WeightsSource(None, "hub")
+
+
+def resolve_weights_file(cfg: BackboneConfig) -> Path | None:
+    """The local weights file :func:`resolve_weights` picks, or None for a hub download (no hub check)."""
+    return resolve_weights(cfg, check_hub=False).path
+
+
+def no_weights_message(name: str, reason: str) -> str:
+    """The error for "no pretrained weights": why, and the three ways to provide them."""
+    arch = _architecture(name)
+    return (
+        f"no pretrained weights for '{name}': {reason} Provide them in one of three ways:\n"
+        f"  1. --weights FILE (or model.backbone.weights in the config): a local .safetensors/.pth/.bin/.npz "
+        f"file of {arch};\n"
+        f"  2. export {WEIGHTS_ENV}=FILE_OR_FOLDER (a folder is searched for {arch}*.safetensors and the like);\n"
+        f"  3. the hub cache: run the same command once on a machine with internet access and copy its "
+        f"~/.cache/huggingface/hub (or point HF_HUB_CACHE at a copy); HF_HUB_OFFLINE=1 then skips the network.\n"
+        f"Details: {WEIGHTS_DOCS}")
+
+
+def _local_weights(source: str, name: str, origin: str, strict: bool) -> Path | None:
+    """A weights file given as a file or a folder. ``strict``: a folder without a match is an error."""
     path = Path(source).expanduser()
-    origin = "model.backbone.weights" if cfg.weights else f"${WEIGHTS_ENV}"
+    arch = _architecture(name)
     if path.is_dir():
-        arch = _architecture(cfg.name)
         found = sorted(p for p in path.iterdir()
                        if p.suffix in WEIGHT_SUFFIXES and (p.stem == arch or p.name.startswith(arch + ".")))
-        if not found:
-            if cfg.weights:
-                raise BackboneError(
-                    f"no weights for '{arch}' in folder {path} (from {origin}); expected a file named "
-                    f"{arch}[.tag].safetensors (or .pth/.bin/.npz). Pass the file itself with --weights FILE.")
-            return None  # a weights folder for other architectures: fall back to the hub
-        return found[0]
+        if found:
+            return found[0]
+        if strict:
+            raise BackboneError(
+                f"no weights for '{arch}' in folder {path} (from {origin}); expected a file named "
+                f"{arch}[.tag].safetensors (or .pth/.bin/.npz). Pass the file itself with --weights FILE.")
+        return None  # a weights folder for other architectures: try the hub cache, then the hub
     if not path.is_file():
         raise BackboneError(f"weights file '{path}' (from {origin}) does not exist. Pass an existing "
-                            ".safetensors/.pth/.bin/.npz file with --weights FILE, or leave it empty to "
-                            "download from the model hub.")
+                            ".safetensors/.pth/.bin/.npz file with --weights FILE, or leave it empty to use the "
+                            f"hub cache or the model hub ({WEIGHTS_DOCS}).")
     if path.suffix not in WEIGHT_SUFFIXES:
-        raise BackboneError(f"weights file '{path}' has an unsupported suffix; use one of {WEIGHT_SUFFIXES}")
+        raise BackboneError(f"weights file '{path}' (from {origin}) has an unsupported suffix; use one of "
+                            f"{', '.join(WEIGHT_SUFFIXES)}")
     return path
 
 
@@ -142,17 +211,95 @@ def _listing(keys: list[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
+def _pretrained_cfg(name: str) -> Any:
+    try:
+        from timm.models import get_pretrained_cfg
+
+        return get_pretrained_cfg(name)
+    except Exception:  # unknown name or tag: timm.create_model says so
+        return None
+
+
+def hub_cache_file(pretrained: Any) -> Path | None:
+    """The weights of a timm pretrained config already in the hub cache (no network access), or None."""
+    hub_id = getattr(pretrained, "hf_hub_id", None)
+    if hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            try_to_load_from_cache = None
+        if try_to_load_from_cache is not None:
+            repo, _, revision = hub_id.partition("@")
+            names = [pretrained.hf_hub_filename] if getattr(pretrained, "hf_hub_filename", None) else [
+                "model.safetensors", "pytorch_model.bin"]
+            for filename in names:
+                try:
+                    found = try_to_load_from_cache(repo, filename, revision=revision or None)
+                except Exception:  # a malformed cache entry: ignore it, the hub may still answer
+                    found = None
+                if isinstance(found, str) and Path(found).is_file():
+                    return Path(found)
+    url = getattr(pretrained, "url", None)
+    if url:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+        if cached.is_file():
+            return cached
+    return None
+
+
+def hub_unreachable_reason(pretrained: Any) -> str | None:
+    """None when the hub can be tried, else why not (``HF_HUB_OFFLINE``, or no connection within seconds)."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    if offline in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE is set and they are not in the hub cache"
+    if getattr(pretrained, "hf_hub_id", None):
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    else:
+        endpoint = getattr(pretrained, "url", None) or "https://huggingface.co"
+    target = urlparse(endpoint)
+    host, port = target.hostname or "huggingface.co", target.port or (80 if target.scheme == "http" else 443)
+    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+                  if os.environ.get(k)), "")
+    if proxy:  # behind a proxy, the proxy is what must answer
+        p = urlparse(proxy if "://" in proxy else "http://" + proxy)
+        host, port = p.hostname or host, p.port or 8080
+    if not _can_connect(host, port, HUB_PROBE_TIMEOUT_S):
+        return (f"the model hub ({host}) cannot be reached (no connection within {HUB_PROBE_TIMEOUT_S:g} s) and "
+                "they are not in the hub cache")
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _can_connect(host: str, port: int, timeout: float) -> bool:
+    """A TCP connection to host:port within ``timeout`` seconds, name resolution included (once per process)."""
+    result: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=attempt, daemon=True)  # getaddrinfo has no timeout of its own
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
 def create_backbone(cfg: BackboneConfig) -> nn.Module:
     """A timm ViT with ``num_classes=0`` at ``cfg.img_size``, weights loaded, all parameters frozen.
 
-    The weights must provide every tensor of the backbone (names and shapes): a file that lacks some is
-    refused with the list of what is missing (and what it holds instead).
+    The weights come from :func:`resolve_weights` (``model.weights_source`` records which one was used). They
+    must provide every tensor of the backbone (names and shapes): a file that lacks some is refused with the
+    list of what is missing (and what it holds instead).
     """
     check_architecture(cfg.name)
     kwargs: dict = dict(num_classes=0, img_size=cfg.img_size)
     if cfg.depth:
         kwargs["depth"] = cfg.depth
-    weights = resolve_weights_file(cfg) if cfg.pretrained else None
+    source = resolve_weights(cfg) if cfg.pretrained else None
+    weights = source.path if source is not None else None
     if weights is not None:
         _check_weights_file(weights)
         overlay = dict(file=str(weights))
@@ -160,7 +307,7 @@ def create_backbone(cfg: BackboneConfig) -> nn.Module:
             overlay["custom_load"] = True
         kwargs["pretrained_cfg_overlay"] = overlay
     loads: list[tuple[list[str], list[str]]] = []
-    source = f"weights file '{weights}'" if weights is not None else f"the hub weights of '{cfg.name}'"
+    origin = f"weights file '{weights}'" if weights is not None else f"the hub weights of '{cfg.name}'"
     try:
         with _recording_loads(loads):
             model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **kwargs)
@@ -185,16 +332,14 @@ def create_backbone(cfg: BackboneConfig) -> nn.Module:
         if weights is not None:
             raise CorruptFileError(f"could not read weights file '{weights}' ({type(e).__name__}: {e}): truncated "
                                    f"or corrupt? Download it again or pass another file with --weights FILE.") from None
-        raise BackboneError(
-            f"could not fetch pretrained weights for '{cfg.name}' from the model hub ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}). Offline? Pass a local weights file with "
-            f"--weights FILE (or set model.backbone.weights, or ${WEIGHTS_ENV}=FILE_OR_FOLDER).") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise BackboneError(no_weights_message(
+            cfg.name, f"the download from the model hub failed ({type(e).__name__}: {first}).")) from None
     except Exception as e:  # hub client errors (connection, missing entry) have their own classes
-        if weights is None and type(e).__module__.split(".")[0] in ("huggingface_hub", "requests", "urllib3"):
-            raise BackboneError(
-                f"could not fetch pretrained weights for '{cfg.name}' from the model hub ({type(e).__name__}). "
-                f"Offline? Pass a local weights file with --weights FILE (or set model.backbone.weights, or "
-                f"${WEIGHTS_ENV}=FILE_OR_FOLDER).") from None
+        if weights is None and type(e).__module__.split(".")[0] in ("huggingface_hub", "requests", "urllib3",
+                                                                     "httpx"):
+            raise BackboneError(no_weights_message(
+                cfg.name, f"the download from the model hub failed ({type(e).__name__}).")) from None
         if weights is not None:
             raise CorruptFileError(f"could not read weights file '{weights}' ({type(e).__name__}: {e}): truncated "
                                    f"or corrupt? Download it again or pass another file with --weights FILE.") from None
@@ -205,12 +350,12 @@ def create_backbone(cfg: BackboneConfig) -> nn.Module:
             extra = f" It holds {len(unexpected)} tensor(s) the model does not use: {_listing(unexpected)}." \
                 if unexpected else ""
             raise BackboneError(
-                f"{source}: {len(missing)} of the tensors that '{cfg.name}'"
+                f"{origin}: {len(missing)} of the tensors that '{cfg.name}'"
                 f"{f' (depth {cfg.depth})' if cfg.depth else ''} needs are missing: {_listing(missing)}.{extra} Training on it "
                 f"would use a partly random backbone. Pass a complete weights file of '{_architecture(cfg.name)}' "
                 f"(--weights FILE), or set model.backbone.name to the architecture the file was saved from.")
         if unexpected:
-            log.warning("%s hold %d tensor(s) that '%s' does not use (ignored): %s", source, len(unexpected),
+            log.warning("%s hold %d tensor(s) that '%s' does not use (ignored): %s", origin, len(unexpected),
                         cfg.name, _listing(unexpected))
     for attr in ("patch_embed", "blocks", "_pos_embed", "norm", "num_prefix_tokens"):
         if not hasattr(model, attr):
@@ -218,6 +363,9 @@ def create_backbone(cfg: BackboneConfig) -> nn.Module:
                                 f"promptdml supports {SUPPORTED_FAMILIES}.")
     model.requires_grad_(False)
     model.eval()
+    model.weights_source = source
+    if source is not None:
+        log.info("backbone weights: %s", source.describe())
     return model
 
 

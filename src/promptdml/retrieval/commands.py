@@ -118,7 +118,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     info = {"embeddings_file": str(Path(args.embeddings).absolute()), "source": data.info}
     index = build_index(data.embeddings, data.paths, args.type, nlist=args.nlist, nprobe=args.nprobe, m=args.M,
                         ef_construction=args.ef_construction, ef_search=args.ef_search,
-                        recall_queries=args.recall_queries, seed=args.seed, info=info, labels=data.labels)
+                        recall_queries=args.recall_queries, seed=args.seed, info=info, labels=data.labels,
+                        progress=not args.no_progress)
     path = index.save(args.out)
     params = ", ".join(f"{k}={v}" for k, v in index.params.items())
     print(f"{index.kind} index of {len(index)} x {index.dim} embeddings{' (' + params + ')' if params else ''} "
@@ -225,7 +226,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                              f"for the exporter's default)")
     _check_writable(out)
     embedder = _load(args)  # on the CPU, fp32 (the exported graph is fp32)
-    res = export_onnx(embedder, out, opset=args.opset, check=not args.no_check, atol=args.atol)
+    res = export_onnx(embedder, out, opset=args.opset, check=not args.no_check, atol=args.atol,
+                      progress=not args.no_progress)
     print(f"exported {res.path} (exporter: {res.exporter}, opset {res.opset}); input 'images' float32 "
           f"[N, 3, {embedder.img_size}, {embedder.img_size}], output 'embeddings' float32 [N, {embedder.dim}]")
     return 0
@@ -272,6 +274,7 @@ def register(subparsers) -> None:
     q.add_argument("--recall-queries", type=int, default=1000,
                    help="sampled queries for the recall@10 report of approximate indexes (default 1000)")
     q.add_argument("--seed", type=int, default=0, help="seed for k-means and the recall sample")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_index_build)
 
     p = subparsers.add_parser(
@@ -306,4 +309,5 @@ def register(subparsers) -> None:
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--atol", type=float, default=1e-4, help="parity tolerance (default 1e-4)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from promptdml.config import Config
 from promptdml.data import build_transforms, load_rgb
@@ -22,6 +21,7 @@ from promptdml.data.images import is_image_file
 from promptdml.data.transforms import eval_resize_size
 from promptdml.engine.device import autocast, resolve_device, resolve_precision
 from promptdml.models import PromptDMLModel
+from promptdml.progress import progress_bar
 from promptdml.retrieval import RetrievalError
 
 __all__ = ["Embedder", "EmbedResult", "load", "list_images", "LIST_SUFFIXES"]
@@ -194,7 +194,7 @@ class Embedder:
             raise RetrievalError(f"a preprocessed tensor must be floating point (normalised), got {images.dtype}")
         batch_size = _check_batch_size(batch_size)
         out = np.empty((images.shape[0], self.dim), dtype=np.float32)
-        bar = tqdm(total=images.shape[0], desc="embed", unit="img", disable=not progress, leave=False)
+        bar = progress_bar(total=images.shape[0], desc="embed", unit="img", enabled=progress)
         for start in range(0, images.shape[0], batch_size):
             chunk = images[start:start + batch_size].float()
             out[start:start + chunk.shape[0]] = self._forward(chunk).numpy()
@@ -217,7 +217,7 @@ class Embedder:
         rows: list[np.ndarray] = []
         kept: list[str] = []
         errors: list[tuple[str, str]] = []
-        bar = tqdm(total=len(paths), desc="embed", unit="img", disable=not progress, leave=False)
+        bar = progress_bar(total=len(paths), desc="embed", unit="img", enabled=progress)
         for items in loader:
             good = [(i, x) for i, x, _ in items if x is not None]
             errors += [(paths[i], err) for i, x, err in items if x is None]
@@ -254,7 +254,7 @@ class Embedder:
         batch_size = _check_batch_size(batch_size)
         out = np.empty((len(items), self.dim), dtype=np.float32)
         errors: list[tuple[str, str]] = []
-        bar = tqdm(total=len(items), desc="embed", unit="img", disable=not progress, leave=False)
+        bar = progress_bar(total=len(items), desc="embed", unit="img", enabled=progress)
         for start in range(0, len(items), batch_size):
             batch = []
             for x in items[start:start + batch_size]:

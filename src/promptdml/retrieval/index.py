@@ -26,6 +26,7 @@ import numpy as np
 
 from promptdml.errors import CorruptFileError
 from promptdml.files import atomic_write
+from promptdml.progress import progress_bar
 from promptdml.retrieval import RetrievalError
 
 INDEX_FORMAT = "promptdml-index/1"
@@ -222,13 +223,15 @@ def default_nlist(n: int) -> int:
 def build_index(embeddings: np.ndarray, paths: Sequence[str] | None = None, kind: str = "exact", *,
                 nlist: int | None = None, nprobe: int | None = None, m: int = 32, ef_construction: int = 200,
                 ef_search: int = 64, recall_queries: int = 1000, seed: int = 0,
-                info: dict[str, Any] | None = None, labels: Sequence[str] | None = None) -> Index:
+                info: dict[str, Any] | None = None, labels: Sequence[str] | None = None,
+                progress: bool = False) -> Index:
     """Build an index over ``embeddings`` (normalised here) with ``paths[i]`` naming row i.
 
     ``kind="ivf"``: ``nlist`` inverted lists (default :func:`default_nlist`), ``nprobe`` lists searched per
     query (default ``max(8, nlist // 32)``, capped at nlist). ``kind="hnsw"``: graph with ``m`` links per
     node, ``ef_construction`` / ``ef_search`` beam widths. For approximate types recall@10 against exact
-    search on ``recall_queries`` sampled vectors is stored in ``index.info``.
+    search on ``recall_queries`` sampled vectors is stored in ``index.info``. ``progress``: a progress bar over
+    the build's stages (k-means training, adding the vectors in chunks, the recall check).
     """
     if kind not in KINDS:
         raise RetrievalError(f"index type must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -241,6 +244,9 @@ def build_index(embeddings: np.ndarray, paths: Sequence[str] | None = None, kind
         return Index(x, paths, "exact", {}, info, labels=labels)
     faiss = _import_faiss(kind)
     start = time.perf_counter()
+    add_chunk = 20_000
+    bar = progress_bar(total=(kind == "ivf") + n + (recall_queries > 0), desc=f"{kind} index", unit="step",
+                       enabled=progress)
     if kind == "ivf":
         nlist = int(nlist) if nlist else default_nlist(n)
         if not 1 <= nlist <= n:
@@ -254,24 +260,32 @@ def build_index(embeddings: np.ndarray, paths: Sequence[str] | None = None, kind
         train = x
         if n > 256 * nlist:  # faiss' own cap on k-means training points
             train = x[np.random.default_rng(seed).choice(n, 256 * nlist, replace=False)]
+        bar.set_postfix_str("k-means")
         index.train(train)
+        bar.update(1)
     else:
         if int(m) < 2:
             raise RetrievalError(f"M (links per node) must be >= 2, got {m}")
         params = {"M": int(m), "ef_construction": int(ef_construction), "ef_search": int(ef_search)}
         index = faiss.IndexHNSWFlat(d, int(m), faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = int(ef_construction)
-    index.add(x)
+    bar.set_postfix_str("adding vectors")
+    for s in range(0, n, add_chunk):  # in chunks, so the bar moves
+        index.add(x[s:s + add_chunk])
+        bar.update(min(add_chunk, n - s))
     info["build_seconds"] = round(time.perf_counter() - start, 3)
     built = Index(x, paths, kind, params, info, index, labels)
     # recall@10 of the approximate index against exact search on a sample of the collection
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, min(n, int(recall_queries)), replace=False)) if recall_queries > 0 else None
     if sample is not None and len(sample):
+        bar.set_postfix_str("recall@10 check")
         k = min(10, n)
         _, approx = built.search(x[sample], k)
         _, exact = exact_search(x[sample], x, k)
         built.info["recall@10"] = recall_at_k(approx, exact, k)
         built.info["recall_queries"] = int(len(sample))
         built.info["recall_seed"] = int(seed)
+    bar.update(bar.total - bar.n)
+    bar.close()
     return built
