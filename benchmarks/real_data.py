@@ -255,6 +255,27 @@ def render_all(results: dict) -> None:
                                                                dataset_stats(dataset, results)))
 
 
+def render_val(val_results: dict) -> str:
+    """The validation runs (settings chosen without the test classes), one row per run."""
+    rows = []
+    for dataset in dev_data.DATASETS:
+        for key, r in sorted(val_results.get(dataset, {}).items()):
+            over = ", ".join(f"`{k}={v}`" for k, v in sorted(r.get("overrides", {}).items())) or "-"
+            last = r.get("last_epoch", {})
+            rows.append(f"| {dataset} | {key.rsplit('/', 1)[0]} | {over} | {r.get('epochs', '-')} | "
+                        f"{r['metrics']['recall@1']:.3f} | {r['metrics']['map@r']:.3f} | "
+                        f"{last.get('loss', float('nan')):.2f} |")
+    if not rows:
+        return ""
+    return ("## Validation runs (`benchmarks/real_data.py --val`)\n\n"
+            "Trained on the training classes minus a class-disjoint validation split (20% of them, the last in "
+            "sorted order) and evaluated on that split; the test classes are never built. These are the runs "
+            "that settings were chosen on. Validation classes of the 2-shot variants have 2 images each, so "
+            "R@1 = MAP@R there.\n\n"
+            "| dataset | method | overrides | epochs | val R@1 | val MAP@R | last loss |\n|---|---|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="wesnoth", choices=dev_data.DATASETS)
@@ -302,6 +323,9 @@ def main() -> int:
                     render_all(results)
     if not args.val:
         render_all(results)
+    val_table = render_val(load_results(VAL_RESULTS))
+    if val_table:
+        update_section("real_data_val", val_table)
     for dataset in dev_data.DATASETS:
         if results.get(dataset):
             print(render_table(dataset, results[dataset], dataset_stats(dataset, results)))

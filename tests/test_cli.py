@@ -107,10 +107,12 @@ def test_evaluate_takes_set_precision_and_batch_size(tiny_run, tmp_path, capsys)
     assert "eval.recall_ks" in capsys.readouterr().err
 
 
-def test_resume_refuses_options_it_would_ignore(tiny_run, capsys):
-    assert main(["train", "--resume", str(tiny_run), "--epochs", "3", "--set", "optim.lr=1"]) == 2
+def test_resume_names_the_options_it_ignores(tiny_run, capsys):
+    # --resume continues with the run's own config: moved files and the device may change (tests/test_faults.py),
+    # every other option is named as ignored, never dropped silently
+    assert main(["train", "--resume", str(tiny_run), "--epochs", "3", "--set", "optim.lr=1"]) == 0
     err = capsys.readouterr().err
-    assert "--epochs" in err and "--set" in err and "ignored" in err and "Traceback" not in err
+    assert "train.epochs" in err and "optim.lr" in err and "ignored" in err and "Traceback" not in err
 
 
 def test_small_folder_error_names_the_batch_size_flag(tiny_weights, tmp_path, capsys):

@@ -72,9 +72,9 @@ def test_every_kind_carves_a_class_disjoint_val_split_and_can_skip_test(kind, tm
     checked: list[str] = []
     real_check = data_sources.find_bad_images
 
-    def spy(paths, mode):
+    def spy(paths, mode, **kwargs):
         checked.extend(paths)
-        return real_check(paths, mode)
+        return real_check(paths, mode, **kwargs)
 
     monkeypatch.setattr(data_sources, "find_bad_images", spy)
     only = build_splits(cfg, with_test=False)

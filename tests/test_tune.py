@@ -12,8 +12,8 @@ import yaml
 from conftest import tiny_config
 from data_fixtures import make_folder, write_garbage
 
-from promptdml.cli import CONFIG_DIR, main
-from promptdml.config import ConfigError, load_config, save_config
+from promptdml.cli import main
+from promptdml.config import CONFIG_DIR, ConfigError, load_config, save_config
 
 optuna = pytest.importorskip("optuna")
 

@@ -117,9 +117,21 @@ def command_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+USER_DATA_CONFIG = "recommended"
+"""The shipped config that ``folder`` and ``csv`` data get when no ``--config`` is named."""
+
+
 def build_config(args: argparse.Namespace, default_config: str | None = None) -> Config:
-    """YAML, then ``--set`` overrides, then explicit flags (the command line wins over the YAML)."""
-    return load_config(getattr(args, "config", None) or default_config, command_overrides(args))
+    """YAML, then ``--set`` overrides, then explicit flags (the command line wins over the YAML).
+
+    Without ``--config``, your own data (``--dataset folder`` or ``csv``) gets the ``recommended`` config."""
+    overrides = command_overrides(args)
+    name = getattr(args, "config", None) or default_config
+    if name is None and overrides.get("data.dataset") in ("folder", "csv"):
+        name = USER_DATA_CONFIG
+        print(f"no --config given: using the shipped '{USER_DATA_CONFIG}' config for your own data "
+              f"(src/promptdml/configs/{USER_DATA_CONFIG}.yaml)", file=sys.stderr)
+    return load_config(name, overrides)
 
 
 class _OncePerMessage(logging.Filter):
