@@ -8,7 +8,6 @@ from typing import Any
 
 from promptdml.config import Config, ModelConfig
 from promptdml.files import atomic_write_text
-from promptdml.models.backbone import resolve_weights_file
 from promptdml.text import plural
 
 
