@@ -93,10 +93,8 @@ def config_hash(cfg) -> str:
     from dataclasses import asdict
 
     d = asdict(cfg)
-    for section, key in (("data", "root"), ("model", None), ("train", "output_dir"), ("train", "run_name"),
-                         ("train", "seed")):
-        if key is not None:
-            d[section].pop(key, None)
+    for section, key in (("data", "root"), ("train", "output_dir"), ("train", "run_name"), ("train", "seed")):
+        d[section].pop(key, None)
     d["model"]["backbone"].pop("weights", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
