@@ -62,3 +62,48 @@ def test_proxy_anchor_gradients_and_extremes():
     assert perfect.item() < loss.item()
     with pytest.raises(ValueError):
         ProxyAnchorLoss(normalization="nope")
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.5])
+def test_norm_softmax_matches_pytorch_metric_learning(temperature):
+    """Loss and gradients equal PML's NormalizedSoftmaxLoss with its weight matrix set to our proxies."""
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    from promptdml.losses import NormSoftmaxLoss
+
+    g = torch.Generator().manual_seed(7)
+    emb = torch.randn(12, 16, generator=g, dtype=torch.float64)
+    proxies = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 5, (12,), generator=g)
+    ours_e, ours_p = emb.clone().requires_grad_(), proxies.clone().requires_grad_()
+    ours = NormSoftmaxLoss(temperature)(ours_e, labels, ours_p)
+    ours.backward()
+
+    oracle = pml_losses.NormalizedSoftmaxLoss(num_classes=5, embedding_size=16, temperature=temperature)
+    oracle.W.data = proxies.t().clone()
+    ref_e = emb.clone().requires_grad_()
+    ref = oracle(ref_e, labels)
+    ref.backward()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)  # ours computes in float32
+    torch.testing.assert_close(ours_e.grad, ref_e.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours_p.grad, oracle.W.grad.t(), rtol=1e-5, atol=1e-7)
+
+
+def test_norm_softmax_proxy_classes_pick_the_labelled_rows():
+    """With ``proxy_classes`` (rows in any order, a subset of classes) the target is the row of each label."""
+    from promptdml.losses import NormSoftmaxLoss
+
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    proxies = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    proxy_classes = torch.tensor([9, 2, 5, 7])
+    labels = torch.tensor([2, 9, 9, 7, 5, 2])
+    loss = NormSoftmaxLoss(0.1)(emb, labels, proxies, proxy_classes)
+    cos = F.normalize(emb, dim=1) @ F.normalize(proxies, dim=1).t() / 0.1
+    rows = [int((proxy_classes == y).nonzero()) for y in labels]
+    expected = sum(torch.logsumexp(cos[i], 0) - cos[i, r] for i, r in enumerate(rows)) / len(rows)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="proxy"):
+        NormSoftmaxLoss(0.1)(emb, torch.tensor([1, 2, 3, 4, 5, 6]), proxies, proxy_classes)
+    # the loss's upper bound: every similarity equal -> log(number of proxies)
+    same = NormSoftmaxLoss(0.1)(torch.ones(3, 8), torch.tensor([0, 1, 2]), torch.ones(4, 8))
+    assert same.item() == pytest.approx(math.log(4), rel=1e-6)
