@@ -96,10 +96,10 @@ class Trainer:
             load_training_state(self, parts.resume_state)
         self._emit("on_ready")
 
-    def _emit(self, hook: str, *args: Any) -> dict[str, float]:
+    def _emit(self, event: str, *args: Any) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for cb in self.callbacks:
-            metrics = getattr(cb, hook)(self, *args) or metrics
+            metrics = getattr(cb, event)(self, *args) or metrics
         return metrics
 
     # ---------------------------------------------------------------------------------------------
