@@ -61,11 +61,11 @@ def worker(args: argparse.Namespace) -> None:
         trainer.train_step(images[sl], classes[sl])
     model = trainer.model
     table = model.class_prompts.table
-    dense = sum(p.numel() for p in trainer._dense_params())
-    dense_tensors = len(trainer._dense_params())
+    dense = sum(p.numel() for p in trainer.grad_sync.dense) if trainer.grad_sync else 0
+    dense_tensors = len(trainer.grad_sync.dense) if trainer.grad_sync else 0
     out = {"rank": rank, "world_size": ctx.world_size, "steps": args.steps, "traffic": ctx.traffic.as_dict(),
            "table_shape": list(table.shape), "dense_params": dense, "dense_tensors": dense_tensors, "proxy_bias_numel": model.proxies.bias.numel(),
-           "row_opt_state": sorted(model.class_prompts.optimizer.state), "torch": torch.__version__}
+           "row_opt_state": sorted(trainer.optimizers[-1].state[model.class_prompts.placement.holder]), "torch": torch.__version__}
     trainer.close()
     if rank == 0:
         print("RESULT " + json.dumps(out), flush=True)

@@ -38,9 +38,11 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
     import torch
 
     from promptdml.config import load_config
-    from promptdml.engine.device import make_grad_scaler, resolve_device
-    from promptdml.engine.trainer import Trainer, build_optimizers
-    from promptdml.losses import ProxyAnchorLoss
+    from promptdml.engine.device import resolve_device
+    from promptdml.engine.factory import TrainParts
+    from promptdml.engine.optim import build_optimizers
+    from promptdml.engine.trainer import Trainer
+    from promptdml.losses import build_loss
     from promptdml.models import create_model
 
     torch.manual_seed(0)
@@ -53,13 +55,10 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
     model = create_model(cfg.model, NUM_CLASSES).to(device).train()
     assert model.memory_bank == (mode == "on")
     rss_model = rss_mb()
-    # a Trainer around the model without data or run directory: the real train_step (and its bank hook)
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg, trainer.model, trainer.device, trainer.dtype = cfg, model, device, None
-    trainer.loss_fn = ProxyAnchorLoss(cfg.loss.alpha, cfg.loss.delta, cfg.loss.normalization)
-    trainer.optimizers = build_optimizers(model, cfg)
-    trainer.scaler = make_grad_scaler(device, None)
-    trainer.skipped_steps = 0
+    # a Trainer around the model without data or run directory: the real train_step
+    trainer = Trainer(cfg, parts=TrainParts(cfg=cfg, model=model, loss_fn=build_loss(cfg.loss),
+                                            optimizers=build_optimizers(model, cfg), device=device))
+    row_state = trainer.optimizers[-1].state[model.class_prompts.placement.holder]
     g = torch.Generator().manual_seed(1)
     times = []
     for _ in range(args.steps):
@@ -72,7 +71,7 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
         times.append(time.time() - t0)
     table = model.class_prompts.table
     table_bytes = table.numel() * table.element_size()
-    state_bytes = sum(v.numel() * v.element_size() for v in model.class_prompts.optimizer.state.values())
+    state_bytes = sum(v.numel() * v.element_size() for v in row_state.values())
     on_device = [t for t in list(model.parameters()) + list(model.buffers())]
     cp_device_bytes = sum(t.numel() * t.element_size() for n, t in list(model.named_parameters())
                           if n.startswith("class_prompts"))
@@ -80,7 +79,7 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
         cp_device_bytes += table_bytes + state_bytes  # gradient (same size as the table) + state
     else:  # only the batch's rows (+ their gradient and optimiser-state rows) visit the device per step
         row_bytes = table_bytes // NUM_CLASSES
-        cp_device_bytes = args.batch_size * row_bytes * (2 + len(model.class_prompts.optimizer.state))
+        cp_device_bytes = args.batch_size * row_bytes * (2 + len(row_state))
     out = {
         "mode": mode, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_start_mb": rss_start, "rss_after_model_mb": rss_model, "rss_end_mb": rss_mb(),

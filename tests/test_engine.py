@@ -272,7 +272,8 @@ def test_embedding_collapse_warned(tiny_weights, data_root, tmp_path, caplog):
 def test_peak_memory_window_is_per_run():
     import os
 
-    from promptdml.engine.trainer import _peak_memory_mb, reset_peak_memory
+    from promptdml.engine.trainer import peak_memory_mb as _peak_memory_mb
+    from promptdml.engine.trainer import reset_peak_memory
 
     if not os.path.exists("/proc/self/status"):
         pytest.skip("peak RSS window needs Linux /proc")
@@ -294,14 +295,14 @@ def test_linear_warmup_scales_every_learning_rate_per_step(tiny_weights, data_ro
     cfg = _cfg(tiny_weights, data_root, tmp_path, **{"optim.optimizer": "sgd", "optim.warmup_epochs": 1.0})
     trainer = Trainer(cfg, echo=_quiet)
     seen: list[tuple[float, float, float]] = []
-    main, proxy = trainer.optimizers
-    step_rows = trainer.model.step_rows
+    main, proxy, rows = trainer.optimizers  # the class-prompt rows: a LazyRowOptimizer stepped like the others
+    step_rows = rows.step
 
-    def record_rows(lr):
-        seen.append((main.param_groups[0]["lr"], proxy.param_groups[0]["lr"], lr))
-        return step_rows(lr)
+    def record_rows(*args, **kwargs):
+        seen.append((main.param_groups[0]["lr"], proxy.param_groups[0]["lr"], rows.param_groups[0]["lr"]))
+        return step_rows(*args, **kwargs)
 
-    trainer.model.step_rows = record_rows
+    rows.step = record_rows
     result = trainer.fit()
     lr, lr_proxy = cfg.optim.lr, cfg.optim.lr_proxy
     epoch2 = result.history[1]["lr"] / lr  # the cosine schedule's factor in epoch 2

@@ -4,9 +4,10 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from promptdml.engine.device import make_grad_scaler
-from promptdml.engine.trainer import Trainer, build_optimizers
-from promptdml.losses import ProxyAnchorLoss
+from promptdml.engine import Trainer
+from promptdml.engine.factory import TrainParts
+from promptdml.engine.optim import build_optimizers
+from promptdml.losses import build_loss
 from promptdml.models import create_model
 from promptdml.models.memory_bank import RowwiseOptimizer
 
@@ -17,15 +18,14 @@ STEPS = [[0, 3, 5], [3, 1, 7], [5, 2, 3]]  # the batch's classes per step; class
 
 def bare_trainer(cfg, model):
     """A Trainer around ``model`` without data or run directory, to call the real ``train_step``."""
-    t = Trainer.__new__(Trainer)
-    t.cfg, t.model = cfg, model
-    t.device, t.dtype = torch.device("cpu"), None
-    t.loss_fn = ProxyAnchorLoss(cfg.loss.alpha, cfg.loss.delta, cfg.loss.normalization)
-    t.optimizers = build_optimizers(model, cfg)
-    t.scaler = make_grad_scaler(t.device, None)
-    t.skipped_steps = 0
-    t._embedding_cos = []
-    return t
+    parts = TrainParts(cfg=cfg, model=model, loss_fn=build_loss(cfg.loss), optimizers=build_optimizers(model, cfg))
+    return Trainer(cfg, parts=parts)
+
+
+def row_state(trainer, model):
+    """The class-prompt table's optimiser state (momentum / Adam moments, per-row steps) by name."""
+    rows = trainer.optimizers[-1]
+    return rows.state[model.class_prompts.placement.holder]
 
 
 def batches(seed=0, k=2):
@@ -50,14 +50,14 @@ def train_three_steps(cfg):
 def test_bank_on_equals_bank_off(tiny_weights, optimizer, extra):
     overrides = {"optim.optimizer": optimizer, "optim.lr": 0.05, **extra}
     off, trainer = train_three_steps(tiny_config(tiny_weights, **{"model.memory_bank": "off"}, **overrides))
-    on, _ = train_three_steps(tiny_config(tiny_weights, **{"model.memory_bank": "on"}, **overrides))
+    on, trainer_on = train_three_steps(tiny_config(tiny_weights, **{"model.memory_bank": "on"}, **overrides))
     assert not off.memory_bank and on.memory_bank
     s_off, s_on = off.trainable_state(), on.trainable_state()
     assert set(s_off) == set(s_on)  # same checkpoint keys either way
     for name in s_off:
         torch.testing.assert_close(s_on[name], s_off[name], atol=1e-6, rtol=0, msg=name)
-    st_off = off.class_prompts.optimizer.state
-    st_on = on.class_prompts.optimizer.state
+    st_off = row_state(trainer, off)
+    st_on = row_state(trainer_on, on)
     assert set(st_off) == set(st_on) and st_off
     for name in st_off:
         torch.testing.assert_close(st_on[name], st_off[name], atol=1e-6, rtol=0)
@@ -68,8 +68,8 @@ def test_bank_on_equals_bank_off(tiny_weights, optimizer, extra):
         assert torch.equal(off.class_prompts.table[c].detach(), init[c])
     for c in (0, 1, 2, 3, 5, 7):
         assert not torch.equal(off.class_prompts.table[c].detach(), init[c])
-    # the class prompts are stepped by the row-wise optimiser only, not by the torch optimisers
-    opt_params = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+    # the class prompts are stepped by the row-wise optimiser only, not by the dense torch optimisers
+    opt_params = {id(p) for opt in trainer.optimizers[:2] for g in opt.param_groups for p in g["params"]}
     assert id(off.class_prompts.table) not in opt_params
 
 
@@ -91,7 +91,7 @@ def test_bank_keeps_no_class_table_on_the_device(tiny_weights):
     del out
     trainer.train_step(images, labels)
     assert model.class_prompts.rows is None  # released after the step
-    state = model.class_prompts.optimizer.state
+    state = row_state(trainer, model)
     assert state and all(v.device == bank.device and v.shape[0] == C for v in state.values())
     assert all(v.data_ptr() not in {t.data_ptr() for _, t in registered} for v in state.values())
     # the trainable state still names the table like the bank-off model, and loads into one

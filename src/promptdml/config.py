@@ -257,7 +257,9 @@ class Config:
         _choice("model.proxy.container_update", self.model.proxy.container_update, ["gru_relu", "gru", "mix"])
         _choice("model.proxy.bias_init", self.model.proxy.bias_init, ["normal", "kaiming", "class_mean"])
         _choice("model.proxy.container_init", self.model.proxy.container_init, ["random", "class_mean"])
-        _choice("loss.name", self.loss.name, ["proxy_anchor", "norm_softmax"])
+        from promptdml.registry import LOSSES
+
+        _choice("loss.name", self.loss.name, LOSSES.names())
         if not (math.isfinite(self.loss.temperature) and self.loss.temperature > 0):
             raise ConfigError(f"loss.temperature must be a positive number, got {self.loss.temperature}")
         _choice("loss.proxy_range", self.loss.proxy_range, ["both_all", "in_batch"])

@@ -32,6 +32,10 @@ class TrainingError(PromptDMLError, RuntimeError):
     """Training cannot start or continue; the message says why and what to change."""
 
 
+class TrainingInterrupted(TrainingError):
+    """Training stopped on SIGINT/SIGTERM after finishing a step; the resume state was saved."""
+
+
 class RunDirError(TrainingError):
     """A run directory cannot be used: it holds another run, another process writes to it, or it is unwritable."""
 

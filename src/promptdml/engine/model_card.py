@@ -12,20 +12,11 @@ from promptdml.text import plural
 
 
 def method_name(m: ModelConfig) -> str:
-    """Human-readable name of the trained parts, e.g. 'VPTSP-G (deep prompts + BitFit + semantic proxies)'."""
-    parts = []
-    if m.full_finetune:
-        parts.append("full fine-tuning")
-    if m.prompts.num_prompt:
-        parts.append("VPT-shallow" if m.prompts.prompt_depth == 1 else "VPT-deep")
-    if m.bitfit and not m.full_finetune:
-        parts.append("BitFit")
-    if m.adapter.bottleneck:
-        parts.append(f"adapter (bottleneck {m.adapter.bottleneck})")
-    if m.lora.rank:
-        parts.append(f"LoRA (rank {m.lora.rank})")
-    parts.append("head")
-    parts.append("semantic proxies" if m.proxy.semantic else "plain proxies")
+    """Human-readable name of the trained parts, e.g. 'VPTSP-G (deep prompts + BitFit + semantic proxies)': the
+    enabled tuners' labels (``models/tuners.py``), the head and the proxies."""
+    from promptdml.models.tuners import method_parts
+
+    parts = method_parts(m) + ["head", "semantic proxies" if m.proxy.semantic else "plain proxies"]
     name = " + ".join(parts)
     return f"VPTSP-G ({name})" if m.proxy.semantic else name
 

@@ -13,10 +13,10 @@ import torch.nn as nn
 from promptdml.config import ModelConfig
 from promptdml.models.backbone import PromptedViT, create_backbone
 from promptdml.models.heads import EmbeddingHead
-from promptdml.models.memory_bank import RowwiseOptimizer
-from promptdml.models.peft import LoRA, ParallelAdapters
-from promptdml.models.prompts import ClassPrompts, DeepPrompts, prompt_counts
+from promptdml.models.prompts import prompt_counts
 from promptdml.models.proxies import ProxyOutput, SemanticProxies
+from promptdml.models.tuners import Site, Tuner, enabled_tuners, tuners
+from promptdml.registry import CLASS_PROMPT_SOURCES
 
 
 @dataclass
@@ -29,8 +29,9 @@ class TrainOutput:
 class PromptDMLModel(nn.Module):
     """VPTSP-G: ``forward(images)`` gives embeddings; ``forward_train`` also gives the proxies.
 
-    Only prompts, backbone biases (BitFit), heads, the container GRU, class prompts and the proxy bias
-    are trainable; every other backbone weight is frozen and the backbone stays in eval mode.
+    Only what the enabled tuners own (``models/tuners.py``: shared prompts, BitFit biases, adapters, LoRA, the
+    full backbone), the heads, the container GRU, the class prompts and the proxy bias are trainable; every
+    other backbone weight is frozen and the backbone stays in eval mode.
 
     The same class builds the baselines from its config: no prompts (``num_prompt=0``), VPT-shallow
     (``prompt_depth=1``), plain proxies (``proxy.semantic=False``), BitFit on/off, parallel adapters
@@ -47,27 +48,32 @@ class PromptDMLModel(nn.Module):
         self.pretrained_cfg = dict(getattr(vit, "pretrained_cfg", {}) or {})
         self.data_config = timm.data.resolve_data_config({}, model=vit)
         depth, width = self.backbone.depth, self.backbone.embed_dim
-        p = cfg.prompts
-        self.shared_prompts = DeepPrompts(prompt_counts(p.num_prompt, p.prompt_depth, p.prompt_block_step, depth),
-                                          width)
+        site = Site(vit, depth, width, cfg)
+        self.tuners = enabled_tuners(cfg)
+        for tuner in tuners():
+            if tuner.attr and tuner not in self.tuners:
+                setattr(self, tuner.attr, None)
+        # attached in registration order; the shared prompts before the heads (the original init order)
+        for tuner in [t for t in self.tuners if t.before_heads]:
+            self._attach(tuner, site)
         self.embed_head = EmbeddingHead(self.backbone.feature_dim, cfg.embed_dim, cfg.center_features)
-        self.full_finetune = cfg.full_finetune
-        if cfg.full_finetune:
-            vit.requires_grad_(True)
-        elif cfg.bitfit:
-            for name, param in vit.named_parameters():
-                if name.endswith("bias"):
-                    param.requires_grad_(True)
-        self.adapters = ParallelAdapters(vit.blocks, width, cfg.adapter) if cfg.adapter.bottleneck > 0 else None
-        self.lora = LoRA(vit.blocks, cfg.lora) if cfg.lora.rank > 0 else None
+        for tuner in [t for t in self.tuners if not t.before_heads]:
+            self._attach(tuner, site)
         self.semantic = cfg.proxy.semantic
         self.memory_bank = self.semantic and (
             cfg.memory_bank == "on" or (cfg.memory_bank == "auto" and num_classes >= cfg.memory_bank_threshold))
         if self.semantic:
+            p = cfg.prompts
             counts = prompt_counts(p.num_p_prompt, p.p_prompt_depth, p.prompt_p_block_step, depth)
-            self.class_prompts = ClassPrompts(num_classes, counts, width, memory_bank=self.memory_bank)
+            source = CLASS_PROMPT_SOURCES.get("table")
+            self.class_prompts = source(num_classes, counts, width, memory_bank=self.memory_bank)
             self.proxy_head = EmbeddingHead(self.backbone.feature_dim, cfg.embed_dim, cfg.center_features)
         self.proxies = SemanticProxies(num_classes, cfg.embed_dim, cfg.proxy)
+
+    def _attach(self, tuner: Tuner, site: Site) -> None:
+        module = tuner.attach(site)
+        if module is not None:
+            setattr(self, tuner.owner, module)
 
     # ---------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -84,27 +90,24 @@ class PromptDMLModel(nn.Module):
         on every rank. The returned embeddings stay local (the trainer gathers them)."""
         emb = self(images)
         k = samples_per_class
-        if self.semantic:
-            if labels.numel() % k:
-                raise ValueError(f"batch of {labels.numel()} images is not a multiple of samples_per_class={k}")
-            grouped = labels.view(-1, k)
-            classes = grouped[:, 0]
-            if not bool((grouped == classes[:, None]).all()) or classes.unique().numel() != classes.numel():
-                raise ValueError("the semantic proxy branch needs class-balanced batches: batch_size/k distinct "
-                                 "classes with k contiguous images each (use ClassBalancedBatchSampler)")
-            q = self.proxy_features(images, labels).view(classes.numel(), k, -1)
-            if gather is None:
-                out = self.proxies(classes, q)
-            else:
-                h = self.proxies.update_rows(q, classes)
-                all_classes = gather(classes)
-                if all_classes.unique().numel() != all_classes.numel():
-                    raise ValueError("distributed training needs disjoint classes across ranks within a step "
-                                     "(each global batch is split by whole classes)")
-                out = self.proxies.assemble(all_classes, gather(h))
-        else:
-            out = self.proxies((labels if gather is None else gather(labels)).unique(), None)
-        return TrainOutput(emb, out)
+        if not self.semantic:
+            return TrainOutput(emb, self.proxies((labels if gather is None else gather(labels)).unique(), None))
+        if labels.numel() % k:
+            raise ValueError(f"batch of {labels.numel()} images is not a multiple of samples_per_class={k}")
+        grouped = labels.view(-1, k)
+        classes = grouped[:, 0]
+        if not bool((grouped == classes[:, None]).all()) or classes.unique().numel() != classes.numel():
+            raise ValueError("the semantic proxy branch needs class-balanced batches: batch_size/k distinct "
+                             "classes with k contiguous images each (use ClassBalancedBatchSampler)")
+        q = self.proxy_features(images, labels).view(classes.numel(), k, -1)
+        if gather is None:
+            return TrainOutput(emb, self.proxies(classes, q))
+        h = self.proxies.update_rows(q, classes)
+        all_classes = gather(classes)
+        if all_classes.unique().numel() != all_classes.numel():
+            raise ValueError("distributed training needs disjoint classes across ranks within a step "
+                             "(each global batch is split by whole classes)")
+        return TrainOutput(emb, self.proxies.assemble(all_classes, gather(h)))
 
     def proxy_features(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """L2-normalised proxy-branch features ``q`` ``[B, E]``: the images with their class prompts, through the
@@ -130,83 +133,49 @@ class PromptDMLModel(nn.Module):
         return self
 
     # ---------------------------------------------------------------------------------------------
-    # The class-prompt table's row-wise optimiser (models/memory_bank.py); the trainer calls these.
-    def _row_tables(self) -> list[ClassPrompts]:
-        return [self.class_prompts] if self.semantic else []
-
-    def configure_row_optimizer(self, kind: str, momentum: float = 0.9, weight_decay: float = 0.0) -> None:
-        """Set the row-wise optimiser of the class-prompt table (same type and hyper-parameters as the
-        torch optimiser of the other parameters; its learning rate is passed to :meth:`step_rows`)."""
-        for table in self._row_tables():
-            table.optimizer = RowwiseOptimizer(kind, momentum=momentum, weight_decay=weight_decay)
-
-    def unscale_row_grads_(self, inv_scale: float) -> None:
-        for table in self._row_tables():
-            table.unscale_grad_(inv_scale)
-
-    def exchange_row_grads(self, gather_varlen: Callable[[torch.Tensor], list[torch.Tensor]]) -> None:
-        """Distributed: replace each rank's pending class-prompt gradient (its own classes' rows) by the union
-        over all ranks, so every rank steps the same rows with the same gradients (``gather_varlen`` returns
-        every rank's tensor). Only the batch's rows travel, never the table."""
-        for table in self._row_tables():
-            table.exchange_pending_grad(gather_varlen)
-
-    def step_rows(self, lr: float) -> bool:
-        """Step the class-prompt rows of the last training forward (after backward); False if skipped."""
-        return all([table.step(lr) for table in self._row_tables()])
-
-    def row_optimizer_state_dict(self) -> dict:
-        """State of the class-prompt row-wise optimiser (momentum / Adam moments and per-row step counts), for
-        resuming; empty without the semantic branch. Tensors stay where they live (CPU with the bank)."""
-        return {"class_prompts": self.class_prompts.optimizer.state_dict()} if self.semantic else {}
-
-    def load_row_optimizer_state_dict(self, state: dict) -> None:
-        if self.semantic and state:
-            opt = self.class_prompts.optimizer
-            opt.load_state_dict(state["class_prompts"])
-            opt.state = {k: v.to(self.class_prompts.table.device) for k, v in opt.state.items()}
-
-    def gradient_tensors(self) -> list[torch.Tensor]:
-        """Every tensor that holds a gradient of this step (trainable parameters + the memory bank's device
-        rows), e.g. for global-norm gradient clipping."""
-        params = [p for ps in self.trainable_groups().values() for _, p in ps if isinstance(p, nn.Parameter)]
-        return params + [t for table in self._row_tables() if table.memory_bank for t in table.grad_tensors()]
-
-    # ---------------------------------------------------------------------------------------------
-    GROUPS = ("shared_prompts", "bitfit", "backbone_full", "adapter", "lora", "embed_head", "class_prompts",
-              "proxy_head", "container_gru", "proxy_bias")
+    def row_placements(self) -> list:
+        """Placements of the row tables trained with lazy row semantics (the class-prompt table)."""
+        return [self.class_prompts.placement] if self.semantic else []
 
     def trainable_groups(self) -> OrderedDict[str, list[tuple[str, nn.Parameter]]]:
-        """Trainable parameters by role (each can receive a gradient).
+        """Trainable parameters by owner (each can receive a gradient): each enabled tuner's module (a tuner
+        without one, BitFit or full fine-tuning, owns the backbone's trainable parameters no module claims),
+        then the heads, class prompts, container GRU and proxy bias. With the memory bank the
+        ``class_prompts`` entry is the CPU table (a plain tensor, not a registered parameter)."""
+        def own(prefix: str, module: nn.Module | None) -> list[tuple[str, nn.Parameter]]:
+            return [] if module is None else list(module.named_parameters(prefix=prefix))
 
-        With the memory bank the ``class_prompts`` entry is the CPU table (a plain tensor, not a registered
-        parameter)."""
-        groups: OrderedDict[str, list[tuple[str, nn.Parameter]]] = OrderedDict((g, []) for g in self.GROUPS)
-        for name, param in self.named_parameters():
-            if not param.requires_grad or param.numel() == 0:
-                continue
-            if name.startswith("backbone."):
-                group = "backbone_full" if self.full_finetune else "bitfit"
-            elif name.startswith("adapters."):
-                group = "adapter"
-            elif name.startswith("proxies.gru."):
-                group = "container_gru"
-            elif name == "proxies.bias":
-                group = "proxy_bias"
-            else:
-                group = name.split(".", 1)[0]
-            groups[group].append((name, param))
+        # (group, its parameters); None: a tuner without a module, owning the backbone's remaining trainables
+        parts = [(t.group_name, own(t.owner, m) if (m := getattr(self, t.owner, None)) is not None else None)
+                 for t in self.tuners]
+        parts += [("embed_head", own("embed_head", self.embed_head)),
+                  ("class_prompts", own("class_prompts", getattr(self, "class_prompts", None))),
+                  ("proxy_head", own("proxy_head", getattr(self, "proxy_head", None))),
+                  ("container_gru", own("proxies.gru", self.proxies.gru)),
+                  ("proxy_bias", [("proxies.bias", self.proxies.bias)])]
+        claimed: set[int] = set()
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
+
+        def take(group: str, named: list[tuple[str, nn.Parameter]]) -> None:
+            ps = [(n, p) for n, p in named if p.requires_grad and p.numel() and id(p) not in claimed]
+            claimed.update(id(p) for _, p in ps)
+            groups.setdefault(group, []).extend(ps)
+
+        for group, named in parts:  # modules first, then the unfreezing tuners take the backbone's rest
+            if named is not None:
+                take(group, named)
+        for group, named in parts:
+            if named is None:
+                take(group, own("backbone", self.backbone))
         if self.memory_bank and self.class_prompts.table.numel():
             groups["class_prompts"].append(("class_prompts.table", self.class_prompts.table))
-        return OrderedDict((g, ps) for g, ps in groups.items() if ps)
-
-    BACKBONE_GROUPS = ("shared_prompts", "bitfit", "backbone_full", "adapter", "lora")
-    """Trainable groups that change the backbone's features on the embedding path."""
+        return OrderedDict((g, groups[g]) for g, _ in parts if groups.get(g))
 
     def backbone_parameters(self) -> list[nn.Parameter]:
-        """The trainable parameters of :attr:`BACKBONE_GROUPS` (what ``optim.head_warmup_epochs`` holds fixed)."""
+        """The trainable parameters of the tuners that touch the backbone (what ``optim.head_warmup_epochs``
+        holds fixed and ``optim.backbone_lr_scale`` scales)."""
         groups = self.trainable_groups()
-        return [p for g in self.BACKBONE_GROUPS if g in groups for _, p in groups[g]]
+        return [p for t in self.tuners if t.touches_backbone for _, p in groups.get(t.group_name, [])]
 
     def trainable_state(self) -> OrderedDict[str, torch.Tensor]:
         """What a checkpoint stores: trainable parameters (including the memory bank's CPU table, under the
@@ -220,15 +189,18 @@ class PromptDMLModel(nn.Module):
         return state
 
     def merge_into_backbone(self) -> int:
-        """Fold LoRA updates into the frozen qkv weights for inference; returns the number of merged layers.
-
-        Raises :class:`~promptdml.models.peft.MergeError` for adapters (non-linear, cannot be merged)."""
-        if self.adapters is not None:
-            self.adapters.merge_into_backbone()
-        if self.lora is None:
-            return 0
-        self.lora.merge_into_backbone()
-        return len(self.lora)
+        """Fold mergeable tuners (LoRA) into the frozen weights for inference; returns the number of merged
+        layers. Raises :class:`~promptdml.models.peft.MergeError` for a tuner that cannot be merged (adapters)."""
+        modules = [(t, getattr(self, t.owner, None)) for t in self.tuners if t.merges is not None]
+        for tuner, module in modules:
+            if tuner.merges is False and module is not None:
+                module.merge_into_backbone()
+        merged = 0
+        for tuner, module in modules:
+            if tuner.merges and module is not None:
+                module.merge_into_backbone()
+                merged += len(module)
+        return merged
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         expected = set(self.trainable_state())

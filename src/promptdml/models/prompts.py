@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from promptdml.models.memory_bank import RowwiseOptimizer
+from promptdml.models.memory_bank import DevicePlacement, MemoryBankPlacement
 
 
 def prompt_counts(num: int, depth: int, step: int, num_blocks: int) -> list[int]:
@@ -38,20 +38,20 @@ class DeepPrompts(nn.Module):
 
 
 class ClassPrompts(nn.Module):
-    """One prompt set per class: a table ``[C, sum_i m_i, D]`` sliced per block.
+    """One prompt set per class: a table ``[C, sum_i m_i, D]`` sliced per block (the ``table`` class-prompt
+    source).
 
     Each class's prompts of block i are initialised Xavier-normal over ``[m_i, D]``, so the scale does not
     shrink with the number of classes (a defect of the original code).
 
-    The table is trained by its own :class:`RowwiseOptimizer` (lazy/row-wise semantics, see
-    ``models/memory_bank.py``), never by the torch optimisers of the other parameters:
+    Where the table lives is its placement (``models/memory_bank.py``); it is trained by a
+    :class:`~promptdml.models.memory_bank.LazyRowOptimizer` over :attr:`placement` (lazy/row-wise semantics),
+    never by the dense torch optimisers of the other parameters:
 
-    - ``memory_bank=False``: ``table`` is an ``nn.Parameter`` on the model's device; its gradient is read
-      at the rows of the batch's classes.
-    - ``memory_bank=True``: ``table`` is a plain CPU tensor that is *not* registered with the module (so
-      ``model.to(device)`` leaves it, and its optimiser state, on the CPU). Each training forward copies
-      the batch's distinct classes' rows to the device as a leaf tensor ``rows`` ``[b, T, D]`` that
-      receives the gradient; :meth:`step` updates those rows and writes them back.
+    - ``memory_bank=False`` (:class:`DevicePlacement`): ``table`` is an ``nn.Parameter`` on the model's device.
+    - ``memory_bank=True`` (:class:`MemoryBankPlacement`): ``table`` is a plain CPU tensor that is *not*
+      registered with the module. Each training forward copies the batch's distinct classes' rows to the
+      device as the leaf tensor :attr:`rows` ``[b, T, D]`` that receives the gradient.
     """
 
     def __init__(self, num_classes: int, counts: list[int], dim: int, memory_bank: bool = False) -> None:
@@ -65,102 +65,21 @@ class ClassPrompts(nn.Module):
                 o = self.offsets[i]
                 table[:, o:o + m].normal_(0.0, _prompt_std(m, dim))
         self.memory_bank = memory_bank
-        if memory_bank:
-            self.table = table  # plain attribute: stays on the CPU, not part of parameters()/buffers()
-        else:
-            self.table = nn.Parameter(table)
-        self.optimizer = RowwiseOptimizer()
-        self._pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.placement = MemoryBankPlacement(table) if memory_bank else DevicePlacement(table)
+        # off: registered as class_prompts.table; on: a plain attribute, stays on the CPU
+        self.table = self.placement.table
 
     @property
     def num_classes(self) -> int:
-        return self.table.shape[0]
+        return self.placement.table.shape[0]
 
     @property
     def rows(self) -> torch.Tensor | None:
         """The device buffer of the current batch's rows (memory bank only; None between steps)."""
-        return self._pending[1] if self._pending is not None else None
+        p = self.placement
+        return p.holder if p.memory_bank and p.index is not None else None
 
     def forward(self, labels: torch.Tensor) -> list[torch.Tensor | None]:
         """Per-block prompts ``[B, m_i, D]`` of each sample's class."""
-        record = torch.is_grad_enabled()
-        if self.memory_bank:
-            classes, inverse = torch.unique(labels, return_inverse=True)
-            index = classes.to(self.table.device)
-            rows = self.table.index_select(0, index).to(labels.device)
-            if record:
-                rows.requires_grad_(True)
-                self._pending = (index, rows)
-            per_sample = rows.index_select(0, inverse)
-        else:
-            if record:
-                self.table.grad = None  # the row-wise optimiser owns this gradient
-                self._pending = (torch.unique(labels).to(self.table.device), None)
-            per_sample = self.table.index_select(0, labels)
+        per_sample = self.placement.lookup(labels)
         return [per_sample[:, o:o + m] if m > 0 else None for o, m in zip(self.offsets, self.counts, strict=True)]
-
-    # ---------------------------------------------------------------------------------------------
-    def grad_tensors(self) -> list[torch.Tensor]:
-        """Tensors holding the class-prompt gradient of the pending step (for global-norm clipping)."""
-        if self._pending is None:
-            return []
-        rows = self._pending[1]
-        grad_holder = rows if self.memory_bank else self.table
-        return [grad_holder] if grad_holder is not None and grad_holder.grad is not None else []
-
-    @torch.no_grad()
-    def exchange_pending_grad(self, gather_varlen) -> None:
-        """Distributed training: merge the pending gradients of all ranks.
-
-        ``gather_varlen(t)`` returns the list of every rank's ``t``. Each rank contributes ``(class ids, row
-        gradients)`` of its own batch classes; the union (duplicates summed) becomes the pending step on every
-        rank: with the memory bank a device buffer of the union's rows holding the merged gradient, without it
-        the merged rows written into ``table.grad``. A rank without a pending gradient is an error (all ranks
-        run the same graph)."""
-        if self._pending is None or self.table.numel() == 0:
-            return
-        index, rows = self._pending
-        if self.memory_bank:
-            grad = rows.grad
-            device = rows.device
-        else:
-            grad = self.table.grad.index_select(0, index) if self.table.grad is not None else None
-            device = self.table.device
-        if grad is None:
-            return  # the loss did not reach the class prompts (on every rank alike)
-        all_index = torch.cat(gather_varlen(index.to(device)))
-        all_grad = torch.cat(gather_varlen(grad))
-        union, inverse = torch.unique(all_index, return_inverse=True)
-        merged = all_grad.new_zeros((union.numel(), *all_grad.shape[1:])).index_add_(0, inverse, all_grad)
-        union = union.to(self.table.device)
-        if self.memory_bank:
-            holder = self.table.index_select(0, union).to(device)
-            holder.grad = merged
-            self._pending = (union, holder)
-        else:
-            self.table.grad.index_copy_(0, union, merged.to(self.table.grad.dtype))
-            self._pending = (union, None)
-
-    @torch.no_grad()
-    def unscale_grad_(self, inv_scale: float) -> None:
-        """Undo loss scaling (fp16 GradScaler) on the pending gradient."""
-        for t in self.grad_tensors():
-            t.grad.mul_(inv_scale)
-
-    @torch.no_grad()
-    def step(self, lr: float) -> bool:
-        """Apply the row-wise optimiser to the pending batch rows; False if there was nothing to do or the
-        gradient was not finite (the step is then skipped, like GradScaler skips the other optimisers)."""
-        if self._pending is None:
-            return False
-        index, rows = self._pending
-        self._pending = None
-        if self.memory_bank:
-            grad = rows.grad
-        else:
-            grad = self.table.grad.index_select(0, index) if self.table.grad is not None else None
-            self.table.grad = None
-        if grad is None or not bool(torch.isfinite(grad).all()):
-            return False
-        self.optimizer.step(self.table.detach(), index, grad, lr)
-        return True
