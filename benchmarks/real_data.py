@@ -96,6 +96,8 @@ def config_hash(cfg) -> str:
     for section, key in (("data", "root"), ("train", "output_dir"), ("train", "run_name"), ("train", "seed")):
         d[section].pop(key, None)
     d["model"]["backbone"].pop("weights", None)
+    if d["data"].get("cache") == "none":  # added later; off = the results of before, same hash
+        d["data"].pop("cache")
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

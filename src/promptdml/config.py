@@ -41,6 +41,8 @@ class DataConfig:
     batches_per_epoch: int = 0
     """0 = len(train set) // batch_size."""
     num_workers: int = 2
+    cache: str = "none"
+    """none | auto | PATH: decoded-image cache for training (decode + resize once, augment the tensor)."""
     demo_classes: int = 64
     demo_images_per_class: int = 16
     demo_image_size: int = 96
@@ -282,6 +284,8 @@ class Config:
             raise ConfigError("data.train_ratio must be in (0, 1)")
         if not 0.0 <= d.val_ratio < 1.0:
             raise ConfigError("data.val_ratio must be in [0, 1)")
+        if not isinstance(d.cache, str) or not d.cache.strip():
+            raise ConfigError(f"data.cache must be none, auto or a folder path, got {d.cache!r}")
         if not 0.0 <= self.model.proxy.proxy_bias_ratio <= 1.0:
             raise ConfigError("model.proxy.proxy_bias_ratio must be in [0, 1]")
         if not 0.0 <= self.model.proxy.mix_keep_ratio <= 1.0:

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .cache import CACHE_SCALE, CachedTrainTransform, ImageCache, resolve_cache_dir
 from .images import load_rgb
 from .records import DataError, ImageRecords
 from .sampler import ClassBalancedBatchSampler
@@ -28,12 +29,20 @@ class ImageDataset(Dataset):
     workers) and the next readable image of the same class is returned instead, so class-balanced
     batches stay valid and an epoch never crashes on one bad file. If every image of a class fails, a
     :class:`DataError` is raised.
+
+    ``cache`` (default: ``records.cache``, set from ``data.cache`` by ``build_splits`` for the training
+    split): ``none``, ``auto`` or a folder; with the training transform, images are served from a
+    decoded-image cache (:mod:`promptdml.data.cache`), built here on first use.
     """
 
-    def __init__(self, records: ImageRecords, transform: Callable[[Any], Any] | None, substitute: bool = True):
+    def __init__(self, records: ImageRecords, transform: Callable[[Any], Any] | None, substitute: bool = True,
+                 cache: str | None = None):
         self.records = records
         self.transform = transform
         self.substitute = substitute
+        self.cache: ImageCache | None = None
+        self._cached_transform: CachedTrainTransform | None = None
+        self._setup_cache(getattr(records, "cache", "none") if cache is None else cache)
         labels = records.labels
         order = np.argsort(labels, kind="stable")
         bounds = np.cumsum(np.bincount(labels, minlength=records.num_classes))[:-1]
@@ -43,6 +52,23 @@ class ImageDataset(Dataset):
             self._pos_in_class[members] = np.arange(len(members))
         self._failed = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._bad: set[int] = set()  # per process
+
+    def _setup_cache(self, setting: str) -> None:
+        """``data.cache`` (see :mod:`promptdml.data.cache`): only for the training transform of
+        :func:`build_transforms` (RandomResizedCrop + flip + ToTensor + Normalize) with substitution."""
+        folder = resolve_cache_dir(setting)
+        if folder is None:
+            return
+        tf = CachedTrainTransform.from_compose(self.transform)
+        if tf is None or not self.substitute:
+            log.warning("data.cache=%s is ignored here: the decoded-image cache serves the training transform "
+                        "(RandomResizedCrop + flip + normalise) only", setting)
+            return
+        side = CACHE_SCALE * max(tf.size)
+        self.cache = ImageCache(folder, self.records.paths, side, tf.interpolation)
+        self._cached_transform = tf
+        log.info("image cache %s: %s (%d images, %d px)", self.cache.data_path,
+                 "built" if self.cache.built else "hit", len(self.records), side)
 
     @property
     def failed_loads(self) -> int:
@@ -62,7 +88,7 @@ class ImageDataset(Dataset):
             if j in self._bad:
                 continue
             try:
-                return load_rgb(self.records.paths[j])
+                return self._read(j)
             except Exception as e:  # noqa: BLE001 - any decoder failure is handled the same way
                 last_error = e
                 self._bad.add(j)
@@ -74,12 +100,22 @@ class ImageDataset(Dataset):
                         f"{last_error}); fix or remove that class's files, e.g. "
                         f"{self.records.paths[int(members[0])]}")
 
+    def _read(self, j: int):
+        """A decoded image: from the files, or ``(uint8 [3, S, S], (h, w))`` from the cache."""
+        if self.cache is None:
+            return load_rgb(self.records.paths[j])
+        if not self.cache.ok[j]:
+            raise OSError("the image could not be decoded when the cache was built")
+        return self.cache.tensor(j), tuple(self.cache.sizes[j])
+
     def __getitem__(self, index: int):
         index = int(index)
         if not self.substitute:
             return self._get_exact(index)
         img = self._load(index)
-        if self.transform is not None:
+        if self._cached_transform is not None:
+            img = self._cached_transform(*img)
+        elif self.transform is not None:
             img = self.transform(img)
         return img, int(self.records.labels[index]), index
 

@@ -719,6 +719,8 @@ def build_splits(cfg, check_images: str = "header", with_test: bool = True, stri
         else:
             _report(problems, [msg + " (kept: the sampler repeats the image with augmentation)."])
 
+    # data.cache: the training images are served from a decoded-image cache (ImageDataset builds it)
+    train.cache = str(getattr(cfg, "cache", "none") or "none")
     splits = Splits(train=train, test=test, query=query, gallery=gallery, val=val, problems=problems,
                     name=kind, root=raw.root, blocking=blocking)
     _warn_same_content(splits, problems)

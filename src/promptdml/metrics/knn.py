@@ -17,6 +17,9 @@ Conventions (shared by everything in :mod:`promptdml.metrics`):
   device and chunk size the result is deterministic. Different backends / devices / chunk sizes
   may round the same dot product differently in the last fp32 bit; such near-ties can order
   differently, exact ties never do (and with exactly representable data all backends agree).
+* **Fast path.** With ``precision="auto"`` (a CPU with native bf16), ``"bf16"`` or ``"fp16"``, the
+  candidates come from a reduced-precision block and are re-scored in fp32; an error bound proves
+  they are the fp32 top-k (:mod:`promptdml.metrics.fast`). Results equal the fp32 torch path's.
 * **Memory.** Queries are processed in chunks; the default chunk size keeps the per-chunk
   similarity block at about ``DEFAULT_CHUNK_BYTES`` (512 MiB), independent of the dataset size.
 """
@@ -185,8 +188,14 @@ def _iter_chunks(n: int, chunk: int) -> Iterator[tuple[int, int]]:
 
 
 def similarity_block(q: torch.Tensor, ref: torch.Tensor, start: int, exclude_self: bool) -> torch.Tensor:
-    """``q @ ref.T`` in fp32; with ``exclude_self`` the entries ``(r, start + r)`` are set to -inf."""
-    s = torch.mm(q, ref.T)
+    """``q @ ref.T`` in fp32; with ``exclude_self`` the entries ``(r, start + r)`` are set to -inf.
+
+    Computed by :func:`promptdml.metrics.fast.mm_fp32`, whose rounding of a pair does not depend on its
+    position in the block (so the fast path can re-score candidates to the same fp32 values).
+    """
+    from .fast import mm_fp32  # noqa: PLC0415
+
+    s = mm_fp32(q, ref)
     if exclude_self:
         r = torch.arange(q.shape[0], device=q.device)
         s[r, r + start] = float("-inf")
@@ -218,7 +227,9 @@ def _faiss_chunk_topk(index, q, ref, start, k, exclude_self):
         idx = idx[keep].view(c, kq - 1)
 
     def rows_sims(b):
-        s = torch.mm(q[b], ref.T)
+        from .fast import mm_fp32  # noqa: PLC0415
+
+        s = mm_fp32(q[b], ref)
         if exclude_self:
             s[torch.arange(len(b)), b + start] = float("-inf")
         return s
@@ -268,6 +279,7 @@ def knn_search(
     backend: str = "auto",
     device=None,
     chunk_size: int | None = None,
+    precision: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact cosine k-NN of every query among the reference vectors.
 
@@ -281,6 +293,10 @@ def knn_search(
             (``IndexFlatIP`` on CPU) or ``"auto"`` (faiss when installed and the device is CPU).
         device: where to compute (default: the device of ``query`` if it is a tensor, else CPU).
         chunk_size: queries per chunk (default: :func:`default_chunk_size`).
+        precision: ``"auto"`` (bf16 candidates re-scored in fp32 on a CPU with native bf16 dot
+            products and a torch / auto backend, else fp32), ``"bf16"``, ``"fp16"``, or ``"fp32"`` (force
+            the fp32 path). The result is that of the fp32 torch path in every case (module
+            :mod:`promptdml.metrics.fast`).
 
     Returns:
         ``(sims, indices)``: fp32 ``[Q, k]`` similarities and int64 ``[Q, k]`` reference indices,
@@ -302,10 +318,29 @@ def knn_search(
     k = int(k)
     if not 1 <= k <= n_avail:
         raise ValueError(f"k={k} must be in [1, {n_avail}] (number of candidates per query)")
+    from . import fast  # noqa: PLC0415
+
     be = _resolve_backend(backend, dev)
+    prec = fast.resolve_precision(precision, dev, "faiss" if backend == "faiss" else "torch")
     chunk = int(chunk_size) if chunk_size else default_chunk_size(ref.shape[0])
     sims = torch.empty(q.shape[0], k, dtype=torch.float32, device=dev)
     idx = torch.empty(q.shape[0], k, dtype=torch.int64, device=dev)
+    if prec != "fp32":
+        try:
+            stats: dict[str, int] = {}
+            for s, e, cs, ci in fast.fast_knn_chunks(
+                q, ref, k, exclude_self=exclude_self, chunk_size=chunk, precision=prec, stats=stats
+            ):
+                sims[s:e] = cs
+                idx[s:e] = ci
+            fast.LAST_STATS.clear()
+            fast.LAST_STATS.update(stats)
+            return sims, idx
+        except fast.BoundViolation as err:
+            import warnings  # noqa: PLC0415
+
+            warnings.warn(f"{err}; recomputing on the fp32 path", RuntimeWarning, stacklevel=2)
+            be = "torch"
     for s, e, cs, ci in iter_knn(q, ref, k, exclude_self=exclude_self, backend=be, chunk_size=chunk):
         sims[s:e] = cs
         idx[s:e] = ci

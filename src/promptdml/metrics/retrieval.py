@@ -20,6 +20,10 @@ Two exact evaluation paths:
   (elementwise passes over the block, no large-k top-k at all).
 * ``"faiss"`` (CPU): ``IndexFlatIP`` search for ``max(max K, max R)`` (+1 tie margin) neighbours.
 
+* exact fast path (``precision="auto"`` on a CPU with native bf16, or ``"bf16"`` / ``"fp16"``): the
+  torch path's block in reduced precision, candidates re-scored in fp32 and certified by an error
+  bound (:mod:`promptdml.metrics.fast`); the metrics are those of the fp32 torch path.
+
 ``backend="auto"`` uses the torch path (it is the faster one; see BENCHMARKS.md, eval_speed).
 Both paths give identical metrics whenever the two backends compute identical fp32 similarities;
 otherwise only pairs of items whose similarities differ in the last fp32 bit can order
@@ -30,12 +34,14 @@ summed once at the end, so the summation order does not depend on ``chunk_size``
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
 
 from promptdml.progress import progress_bar
 
+from . import fast
 from .knn import (
     _full_row_topk,
     _iter_chunks,
@@ -297,6 +303,97 @@ def _eval_torch(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, 
     return acc
 
 
+def _eval_fast(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, precision, bar=None) -> _Acc:
+    """The exact fast path (:mod:`promptdml.metrics.fast`): same metrics as :func:`_eval_torch`.
+
+    Per chunk one reduced-precision block; MAP@R / R-Precision from the certified fp32 top-R; the rank
+    of the best relevant item (Recall@K) from the candidates when it is certified among them, else by
+    counting the items whose reduced value is provably above it plus the fp32 re-scored items of the
+    uncertain band around it.
+    """
+    n_ref = ref.shape[0]
+    n_avail = n_ref - int(exclude_self)
+    red = fast.Reduced(q, ref, precision)
+    groups = _LabelGroups(ref_y)
+    q_groups = groups.group_of(qy)
+    acc = _Acc(ks, q.shape[0], q.device)
+    stats = {"queries": 0, "wider": 0, "fp32_rows": 0, "rank_count_rows": 0, "band_pairs": 0}
+    fast.LAST_STATS.clear()
+    for s, e in _iter_chunks(q.shape[0], chunk):
+        if bar is not None:
+            bar.update(e - s)
+        rc = num_rel[s:e]
+        valid = rc > 0
+        if not bool(valid.any()):
+            continue
+        c = e - s
+        stats["queries"] += c
+        qc = q[s:e]
+        sb = red.block(s, e, exclude_self)
+        with fast.small_op_threads(q.device):
+            acc_args = _fast_chunk(sb, qc, s, e, ref, ref_y, qy, rc, valid, groups, q_groups, ks, need_rank,
+                                   exclude_self, red, n_avail, stats)
+        acc.add(s, valid, **acc_args)
+        del sb
+    fast.LAST_STATS.update(stats)
+    return acc
+
+
+def _fast_chunk(sb, qc, s, e, ref, ref_y, qy, rc, valid, groups, q_groups, ks, need_rank, exclude_self, red,
+                n_avail, stats) -> dict:
+    """One chunk of :func:`_eval_fast`: ``first`` / ``ap`` / ``rp`` for :meth:`_Acc.add`."""
+    c = e - s
+    n_ref = ref.shape[0]
+    need = torch.where(valid, rc, torch.zeros_like(rc)) if need_rank else torch.zeros_like(rc)
+    width = max(1, int(need.max()))
+    rows = torch.arange(c, device=qc.device)
+    mem = ok = None
+    if ks:  # the query's class members, re-scored together with the candidates
+        g = q_groups[s:e]
+        mem = groups.members(g, int(groups.size_of(g).max()))
+        ok = mem >= 0
+        if exclude_self:
+            ok &= mem != (rows + s)[:, None]
+    sims, idx, info = fast.exact_topk_chunk(
+        sb, qc, ref, s, need, width, exclude_self, red, n_avail, None if mem is None else mem.clamp(min=0)
+    )
+    stats["wider"] += info["wider"]
+    stats["fp32_rows"] += info["fp32_rows"]
+    ap = rp = first = None
+    if need_rank:
+        ap, rp = _ap_rp(ref_y[idx] == qy[s:e, None], rc)
+    if ks:
+        ps = info["extra_sims"]
+        ps = torch.where(ok, ps, torch.full_like(ps, float("-inf")))
+        best = ps.max(1).values  # fp32 similarity of the best relevant item
+        best_idx = torch.where(ok & (ps == best[:, None]), mem, torch.full_like(mem, n_ref)).min(1).values
+        # certified among the candidates: everything that precedes it is a candidate too
+        cs, ci = info["cand_sims"], info["cand_idx"]
+        before = (cs > best[:, None]) | ((cs == best[:, None]) & (ci < best_idx[:, None]))
+        first = 1 + before.sum(1)
+        count = (valid & ~(best.double() > info["upper"])).nonzero().flatten()
+        stats["rank_count_rows"] += int(count.numel())
+        for b in row_batches(count, n_ref, bytes_per_entry=8):
+            first[b], n_band = _rank_by_band(sb[b], qc[b], ref, best[b], best_idx[b], red)
+            stats["band_pairs"] += n_band
+    return {"first": first, "ap": ap, "rp": rp}
+
+
+def _rank_by_band(sb, qb, ref, best, best_idx, red) -> tuple[torch.Tensor, int]:
+    """1-based fp32 rank of ``(best, best_idx)`` in each row of a reduced block (see module fast)."""
+    sf = sb.float()
+    hi = fast._round_up32(fast._above_threshold(best.double(), red.a, red.b))[:, None]
+    lo = fast._round_down32(fast._below_threshold(best.double(), red.a, red.b))[:, None]
+    above = (sf > hi).sum(1)
+    r, c = ((sf >= lo) & (sf <= hi)).nonzero(as_tuple=True)
+    sv = fast.rescore_pairs(qb, ref, r, c)
+    fast.check_bound(sf[r, c], sv, red.a, red.b)
+    br, bi = best[r], best_idx[r]
+    prec = (sv > br) | ((sv == br) & (c < bi))
+    above.index_add_(0, r, prec.to(above.dtype))
+    return 1 + above, int(r.numel())
+
+
 def _eval_knn(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, backend, bar=None) -> _Acc:
     n_avail = ref.shape[0] - int(exclude_self)
     valid_all = num_rel > 0
@@ -331,6 +428,7 @@ def retrieval_metrics(
     chunk_size=None,
     seed=0,
     progress=False,
+    precision="auto",
 ) -> dict[str, float]:
     """Exact retrieval metrics of an embedding.
 
@@ -348,6 +446,9 @@ def retrieval_metrics(
         device: compute device (default: that of ``embeddings`` if a tensor, else CPU).
         chunk_size: queries per chunk (default keeps each ``[chunk, N]`` block near 512 MiB).
         progress: show a progress bar over the queries (on a terminal; about a minute at SOP size on a CPU).
+        precision: similarity precision of the candidate search: ``"auto"`` (bf16 candidates on a CPU
+            with native bf16 dot products, else fp32), ``"bf16"``, ``"fp16"`` or ``"fp32"`` (force the
+            fp32 path). Every setting gives the metrics of the fp32 path (see :mod:`promptdml.metrics.fast`).
 
     Returns:
         ``{"recall@K": ..., "map@r": ..., "r_precision": ..., "nmi": ..., "f1": ...}`` as python
@@ -376,6 +477,7 @@ def retrieval_metrics(
     need_rank = bool(map_r or r_precision)
     if backend not in ("auto", "torch", "faiss"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'faiss', got {backend!r}")
+    prec = fast.resolve_precision(precision, dev, "faiss" if backend == "faiss" else "torch")
     out: dict[str, float] = {}
     if (ks or need_rank) and ref.shape[0] > int(exclude_self) and q.shape[0] > 0:
         num_rel = count_relevant(qy, ref_y, exclude_self)
@@ -387,7 +489,15 @@ def retrieval_metrics(
                     bar,
                 )
             else:
-                acc = _eval_torch(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, bar)
+                acc = None
+                if prec != "fp32":
+                    try:
+                        acc = _eval_fast(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, prec, bar)
+                    except fast.BoundViolation as err:
+                        warnings.warn(f"{err}; recomputing the metrics on the fp32 path", RuntimeWarning, stacklevel=2)
+                        bar.reset()
+                if acc is None:
+                    acc = _eval_torch(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, bar)
         out.update(acc.result(bool(map_r), bool(r_precision)))
     else:
         out.update(_Acc(ks).result(bool(map_r), bool(r_precision)))

@@ -1,0 +1,416 @@
+"""Exact fast path: reduced-precision candidate similarities, certified by an error bound, re-scored in fp32.
+
+The fp32 path (:mod:`promptdml.metrics.knn`, :mod:`promptdml.metrics.retrieval`) computes every
+query x reference similarity in fp32. This module computes the big ``[chunk, N]`` block with bf16
+(CPU with AVX512-BF16 / AMX) or fp16 (CUDA) inputs, keeps a few dozen candidates per query, computes
+their fp32 similarities with the *same* fp32 GEMM as the fp32 path (:func:`mm_fp32`) and orders them by
+``(-similarity, index)``. A rigorous bound on ``|reduced - fp32|`` decides, per query, whether the
+candidates provably contain everything the fp32 path can rank there; queries where it cannot be
+proven (ties or near-ties around the cut, many near-duplicates) take more candidates, and then the
+full fp32 row. The metrics are therefore those of the fp32 path, not an approximation of them.
+
+Error bound (derivation)
+------------------------
+Notation: ``x, y`` are the prepared fp32 vectors (L2-normalised, so ``|x|, |y| <= 1`` up to the fp32
+rounding of the normalisation; the bound uses the measured maximum norms ``nx, ny``), ``d`` their
+dimension, ``p = sum_i x_i y_i`` the exact real dot product, ``s`` the fp32 path's value, ``r`` the
+reduced-precision value. ``u`` is the unit roundoff of the reduced input type (bf16: 2^-8, fp16: 2^-11),
+``uf = 2^-24`` that of fp32 and ``g = d uf / (1 - d uf)`` (Higham's gamma_d).
+
+1. Inputs. Round-to-nearest gives ``xh_i = x_i (1 + a_i) + e_i`` with ``|a_i| <= u`` and an absolute
+   term ``|e_i| <= t`` for (sub)normal underflow: bf16 has fp32's exponent range, but kernels may
+   treat bf16 subnormals as zero (DAZ), so ``t = 2^-126``; fp16 subnormals are kept by the GEMMs used
+   here (rounding error at most half their spacing, ``t = 2^-25``). Then, with Cauchy-Schwarz
+   (``sum|x_i y_i| <= nx ny``, ``sum|x_i| <= sqrt(d) nx``),
+   ``|sum xh_i yh_i - p| <= (2u + u^2) nx ny + t (1 + u) sqrt(d) (nx + ny) + d t^2 =: I``.
+2. Accumulation. The kernel forms the products exactly (bf16 x bf16 and fp16 x fp16 fit in fp32's
+   24 bits) or by fp32 FMA, and sums them in fp32 in *any* order or blocking:
+   ``|acc - sum xh_i yh_i| <= g P + d 2^-126`` with ``P = sum |xh_i yh_i| <= nx ny + I`` (the last
+   term covers flush-to-zero of up to d partial results).
+3. Output. When the GEMM writes the reduced type (torch's CPU bf16 GEMM does), ``r = acc (1 + b) + f``
+   with ``|b| <= u``, ``|f| <= t_out``, hence ``|r - acc| <= u/(1-u) (|r| + t_out) + t_out``.
+4. The fp32 path, any order: ``|s - p| <= g nx ny + 2 d 2^-126``.
+
+Together: ``|r - s| <= A + B |r|`` with ``A = I + g P + g nx ny + 3 d 2^-126 + t_out (1 + B)`` and
+``B = u / (1 - u)`` (``B = 0`` and ``t_out = 0`` when the output is fp32). A and B are computed in
+fp64 and inflated by ``2^-20`` relative, which covers the rounding of that computation. For
+unit vectors in bf16 with a bf16 output, ``A ~ 2^-7`` and ``B ~ 2^-8``: about 0.0086 at ``r = 0.2``.
+
+Consequences used below (all comparisons in fp64 or with thresholds rounded outward):
+
+* every item that is *not* a candidate has ``r <= t`` (``t`` = the smallest candidate value), so its
+  fp32 value is at most ``U = t + A + B|t|``; candidates whose fp32 value is ``> U`` are certified:
+  their order, and the fact that nothing else precedes them, is exact;
+* ``r > hi(b)`` implies ``s > b`` and ``r < lo(b)`` implies ``s < b`` (thresholds in
+  :func:`_above_threshold` / :func:`_below_threshold`); only items in between are re-scored in fp32
+  to count exactly how many precede a given item (the rank of the best relevant item, for Recall@K).
+
+The bound relies on the arithmetic model above (IEEE fp32 accumulation of exactly formed or FMA
+products, a single final rounding of the output). As a guard, every re-scored candidate is checked
+against it; a violation (a GEMM that breaks the model) raises :class:`BoundViolation` and the callers
+redo the whole evaluation on the fp32 path, with a warning.
+
+Same fp32 values as the fp32 path
+---------------------------------
+Ordering candidates "as the fp32 path does" needs the *same* fp32 values, bit for bit: a near-tie
+of one ulp otherwise orders differently. fp32 GEMM kernels round a given (row, column) dot product
+differently depending on where it falls in the block (remainder rows and thin blocks take other code
+paths). :func:`mm_fp32` therefore pads the rows of the left operand to a multiple of 8 and the
+right operand to at least 16 columns; the fp32 path uses it for its similarity
+blocks too, so that with MKL (tested: ``test_mm_fp32_is_position_independent``) every pair gets the
+same fp32 value whether it is computed in a full block or re-scored among candidates. This is about
+matching the fp32 path's rounding, not about the exactness proof: the proof only guarantees that the
+candidates contain every item the fp32 path can rank there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+
+import torch
+
+__all__ = [
+    "PRECISIONS",
+    "BoundViolation",
+    "dot_error_bound",
+    "fast_knn_chunks",
+    "mm_fp32",
+    "rescore",
+    "resolve_precision",
+]
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# candidates kept per query beyond the k the caller needs (then x4 for queries that fail, then fp32)
+CANDIDATE_MARGIN = 32
+RESCORE_ROWS = 8  # queries per re-scoring GEMM (against the union of their candidate columns)
+_ROW_PAD, _COL_PAD = 8, 16
+
+# diagnostics of the last fast-path evaluation (queries, rows that needed more candidates or the fp32 row, ...)
+LAST_STATS: dict[str, int] = {}
+
+
+class BoundViolation(RuntimeError):
+    """A re-scored similarity differs from its reduced-precision value by more than the bound."""
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_bf16_supported() -> bool:
+    try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+    except (AttributeError, RuntimeError):
+        return False
+    try:  # the GEMM is only faster with native bf16 dot products (AVX512-BF16 or AMX)
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device, backend: str = "torch") -> str:
+    """The candidate precision used: ``auto`` = bf16 on a CPU with native bf16 dot products (and a
+    torch backend), fp32 elsewhere (fp16 on CUDA is available on request, not yet the default)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if backend == "faiss":
+        if precision in _LOW:
+            raise ValueError("the reduced-precision fast path uses the torch backend, not faiss")
+        return "fp32"
+    if precision != "auto":
+        return precision
+    if os.environ.get("PROMPTDML_EVAL_PRECISION") in PRECISIONS[1:]:  # benchmark / debugging override
+        return os.environ["PROMPTDML_EVAL_PRECISION"]
+    if device.type == "cpu" and _cpu_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` in fp32 with a block shape whose rounding does not depend on the row / column position.
+
+    Rows of ``a`` are padded with zeros to a multiple of 8, ``b`` to at least 16 rows (thin blocks take
+    another code path). See the module docstring.
+    """
+    m, n = a.shape[0], b.shape[0]
+    pad_m = (-m) % _ROW_PAD
+    if pad_m:
+        a = torch.cat([a, a.new_zeros(pad_m, a.shape[1])])
+    pad_n = max(0, _COL_PAD - n)
+    if pad_n:
+        b = torch.cat([b, b.new_zeros(pad_n, b.shape[1])])
+    out = torch.mm(a, b.T)
+    return out[:m, :n] if (pad_m or pad_n) else out
+
+
+@contextlib.contextmanager
+def small_op_threads(device: torch.device):
+    """Run the many small ops (re-scoring GEMMs, bookkeeping) on one CPU thread on small machines (<= 8 threads).
+
+    Each small op is a fork/join of the thread pool; on few cores, and badly so when the cores are
+    shared with other processes (a descheduled worker stalls every join), that costs more than the op.
+    The rounding of :func:`mm_fp32` does not depend on the thread count (tested).
+    """
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1 or n > 8 or _FULL_THREADS:
+        yield
+        return
+    _FULL_THREADS.append(n)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        _FULL_THREADS.pop()
+        torch.set_num_threads(n)
+
+
+_FULL_THREADS: list[int] = []
+
+
+@contextlib.contextmanager
+def all_threads():
+    """Inside :func:`small_op_threads`: the big ops (the similarity block, top-k) use every thread."""
+    if not _FULL_THREADS:
+        yield
+        return
+    torch.set_num_threads(_FULL_THREADS[-1])
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
+
+
+def rescore(q: torch.Tensor, ref: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """fp32 similarities ``q[i] . ref[idx[i, j]]`` ([c, m]) computed with :func:`mm_fp32`.
+
+    Queries are taken ``RESCORE_ROWS`` at a time against all their candidate columns (one GEMM), of
+    which the diagonal blocks are kept.
+    """
+    out = torch.empty(idx.shape, dtype=torch.float32, device=q.device)
+    w = idx.shape[1]
+    with small_op_threads(q.device):
+        for s in range(0, idx.shape[0], RESCORE_ROWS):
+            ib = idx[s : s + RESCORE_ROWS]
+            r = ib.shape[0]
+            block = mm_fp32(q[s : s + r], torch.index_select(ref, 0, ib.reshape(-1)))
+            out[s : s + r] = block.view(r, r, w).diagonal(dim1=0, dim2=1).T
+    return out
+
+
+def rescore_pairs(q: torch.Tensor, ref: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """fp32 similarities of the pairs ``(q[rows[j]], ref[cols[j]])`` (rows sorted ascending)."""
+    out = torch.empty(rows.shape, dtype=torch.float32, device=q.device)
+    if rows.numel() == 0:
+        return out
+    urows, counts = torch.unique_consecutive(rows, return_counts=True)
+    ends = torch.cumsum(counts, 0).tolist()
+    with small_op_threads(q.device):
+        for g in range(0, urows.numel(), RESCORE_ROWS):
+            gr = urows[g : g + RESCORE_ROWS]
+            lo = 0 if g == 0 else ends[g - 1]
+            hi = ends[min(g + RESCORE_ROWS, urows.numel()) - 1]
+            r, c = rows[lo:hi], cols[lo:hi]
+            ucols, inv = torch.unique(c, return_inverse=True)
+            block = mm_fp32(q[gr], torch.index_select(ref, 0, ucols))
+            out[lo:hi] = block[torch.searchsorted(gr, r), inv]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the bound
+
+
+def dot_error_bound(dim: int, norm_q: float, norm_r: float, low: str, low_output: bool) -> tuple[float, float]:
+    """``(A, B)`` with ``|reduced - fp32| <= A + B |reduced|`` for every pair (module docstring)."""
+    u = {"bf16": 2.0**-8, "fp16": 2.0**-11}[low]
+    t = {"bf16": 2.0**-126, "fp16": 2.0**-25}[low]
+    d = float(dim)
+    uf = 2.0**-24
+    g = d * uf / (1 - d * uf)
+    nxy = norm_q * norm_r
+    inp = (2 * u + u * u) * nxy + t * (1 + u) * math.sqrt(d) * (norm_q + norm_r) + d * t * t
+    p = nxy + inp
+    b = u / (1 - u) if low_output else 0.0
+    t_out = t if low_output else 0.0
+    a = inp + g * p + g * nxy + 3 * d * 2.0**-126 + t_out * (1 + b)
+    inflate = 1 + 2.0**-20
+    return a * inflate, b * inflate
+
+
+def _upper(v: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """Largest fp32 value an item with reduced value ``<= v`` can have (fp64)."""
+    return v + a + b * v.abs()
+
+
+def _above_threshold(best: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """``hi`` (fp64) such that ``r > hi`` implies ``s > best``: ``r - A - B|r| > best``."""
+    x = best + a
+    return torch.where(x >= 0, x / (1 - b), x / (1 + b))
+
+
+def _below_threshold(best: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """``lo`` (fp64) such that ``r < lo`` implies ``s < best``: ``r + A + B|r| < best``."""
+    x = best - a
+    return torch.where(x >= 0, x / (1 + b), x / (1 - b))
+
+
+def _round_up32(x: torch.Tensor) -> torch.Tensor:
+    y = x.to(torch.float32)
+    return torch.where(y.double() < x, torch.nextafter(y, torch.full_like(y, math.inf)), y)
+
+
+def _round_down32(x: torch.Tensor) -> torch.Tensor:
+    y = x.to(torch.float32)
+    return torch.where(y.double() > x, torch.nextafter(y, torch.full_like(y, -math.inf)), y)
+
+
+def check_bound(low_vals: torch.Tensor, fp32_vals: torch.Tensor, a: float, b: float) -> None:
+    """Raise :class:`BoundViolation` if a re-scored pair breaks ``|r - s| <= A + B|r|``."""
+    r = low_vals.double()
+    fin = torch.isfinite(r)
+    err = (r - fp32_vals.double()).abs()
+    if bool(((err > a + b * r.abs()) & fin).any()):
+        raise BoundViolation(
+            f"reduced-precision similarity off by {float(err[fin].max()):.3g} > bound {a:.3g} + {b:.3g}|r|"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# candidate blocks
+
+
+class Reduced:
+    """Reduced-precision copies of the prepared embeddings and the bound for their pairs."""
+
+    def __init__(self, q: torch.Tensor, ref: torch.Tensor, precision: str):
+        self.low = _LOW[precision]
+        self.q = q.to(self.low)
+        self.ref = self.q if ref is q else ref.to(self.low)
+        nq = float(q.double().norm(dim=1).max()) if q.numel() else 0.0
+        nr = nq if ref is q else (float(ref.double().norm(dim=1).max()) if ref.numel() else 0.0)
+        self.a, self.b = dot_error_bound(q.shape[1], nq * (1 + 1e-12), nr * (1 + 1e-12), precision, True)
+
+    def block(self, s: int, e: int, exclude_self: bool) -> torch.Tensor:
+        """Reduced-precision ``[e - s, N]`` similarities; self entries -inf."""
+        with _exact_accumulation(self.q.device), all_threads():
+            sb = torch.mm(self.q[s:e], self.ref.T)
+        if exclude_self:
+            r = torch.arange(e - s, device=sb.device)
+            sb[r, r + s] = float("-inf")
+        return sb
+
+
+@contextlib.contextmanager
+def _exact_accumulation(device: torch.device):
+    """On CUDA, forbid reduced-precision (fp16 / bf16) split-K reductions, which break the bound."""
+    if device.type != "cuda":
+        yield
+        return
+    m = torch.backends.cuda.matmul
+    old = (m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction)
+    m.allow_fp16_reduced_precision_reduction = False
+    m.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = old
+
+
+def certified_topk(
+    sb: torch.Tensor, q: torch.Tensor, ref: torch.Tensor, m: int, red: Reduced, extra: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Top-``m`` candidates of a reduced block, re-scored and ordered as the fp32 path orders them.
+
+    Returns ``(sims, idx, n_cert, upper, extra_sims)``: fp32 similarities and indices sorted by
+    ``(-sim, index)``, the number of leading entries that are certified exact per row, the upper
+    bound (fp64) on the fp32 similarity of every non-candidate, and the fp32 similarities of the
+    ``extra`` ``[c, w]`` reference indices (re-scored in the same GEMMs; None without ``extra``).
+    """
+    from .knn import _sort_by_sim_then_index  # noqa: PLC0415
+
+    with all_threads():
+        vals, idx = torch.topk(sb, m, dim=1, largest=True, sorted=True)
+    if extra is None:
+        s32, extra_sims = rescore(q, ref, idx), None
+    else:
+        both = rescore(q, ref, torch.cat([idx, extra], dim=1))
+        s32, extra_sims = both[:, :m], both[:, m:]
+    check_bound(vals, s32, red.a, red.b)
+    if m < sb.shape[1]:
+        upper = _upper(vals[:, -1].double(), red.a, red.b)
+    else:
+        upper = torch.full((sb.shape[0],), -math.inf, dtype=torch.float64, device=sb.device)
+    sims, idx = _sort_by_sim_then_index(s32, idx)
+    n_cert = (sims.double() > upper[:, None]).sum(1)
+    return sims, idx, n_cert, upper, extra_sims
+
+
+def full_rows_topk(
+    q: torch.Tensor, ref: torch.Tensor, rows: torch.Tensor, start: int, k: int, exclude_self: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 path for a few queries: full fp32 rows, stable sort, top-k (ordered by (-sim, index))."""
+    from .knn import _full_row_topk  # noqa: PLC0415
+
+    def get_rows(b):
+        with all_threads():
+            s = mm_fp32(q[b], ref)
+        if exclude_self:
+            s[torch.arange(len(b), device=s.device), b + start] = float("-inf")
+        return s
+
+    return _full_row_topk(get_rows, rows, ref.shape[0], k)
+
+
+def exact_topk_chunk(
+    sb: torch.Tensor, q: torch.Tensor, ref: torch.Tensor, start: int, need: torch.Tensor, width: int,
+    exclude_self: bool, red: Reduced, n_avail: int, extra: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Exact fp32 top-``width`` of a chunk; rows need at least ``need[i]`` certified entries.
+
+    Rows whose certified prefix is shorter take 4x more candidates, then the full fp32 row.
+    Returns ``(sims, idx, info)`` with ``[c, width]`` tensors (entries past ``need[i]`` of a row are
+    the best fp32 guesses, only the first ``need[i]`` are guaranteed), the first round's candidates
+    (``cand_sims``, ``cand_idx``, ``upper``), the fp32 similarities of ``extra`` and fallback counts.
+    """
+    m = min(n_avail, width + CANDIDATE_MARGIN)
+    sims, idx, n_cert, upper, extra_sims = certified_topk(sb, q, ref, m, red, extra)
+    info = {"wider": 0, "fp32_rows": 0, "upper": upper, "cand_sims": sims, "cand_idx": idx,
+            "extra_sims": extra_sims}
+    sims, idx = sims[:, :width].clone(), idx[:, :width].clone()
+    bad = (n_cert < need).nonzero().flatten()
+    if bad.numel() and m < n_avail:
+        info["wider"] = int(bad.numel())
+        m2 = min(n_avail, 4 * m)
+        s2, i2, c2, _, _ = certified_topk(sb[bad], q[bad], ref, m2, red)
+        ok = c2 >= need[bad]
+        sims[bad[ok]] = s2[ok, :width]
+        idx[bad[ok]] = i2[ok, :width]
+        bad = bad[~ok]
+    if bad.numel():
+        info["fp32_rows"] = int(bad.numel())
+        s3, i3 = full_rows_topk(q, ref, bad, start, width, exclude_self)
+        sims[bad] = s3
+        idx[bad] = i3
+    return sims, idx, info
+
+
+def fast_knn_chunks(q, ref, k, *, exclude_self, chunk_size, precision, stats=None):
+    """Yield ``(start, end, sims, idx)`` like :func:`promptdml.metrics.knn.iter_knn`, via the fast path."""
+    red = Reduced(q, ref, precision)
+    n_avail = ref.shape[0] - int(exclude_self)
+    for s in range(0, q.shape[0], chunk_size):
+        e = min(q.shape[0], s + chunk_size)
+        sb = red.block(s, e, exclude_self)
+        need = torch.full((e - s,), k, dtype=torch.int64, device=q.device)
+        with small_op_threads(q.device):
+            sims, idx, info = exact_topk_chunk(sb, q[s:e], ref, s, need, k, exclude_self, red, n_avail)
+        if stats is not None:
+            stats["wider"] = stats.get("wider", 0) + info["wider"]
+            stats["fp32_rows"] = stats.get("fp32_rows", 0) + info["fp32_rows"]
+        del sb
+        yield s, e, sims, idx
