@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import torch
@@ -124,7 +125,7 @@ if __name__ == "__main__":
 # ------------------------------------------------------------------------------------------------ tests
 import pytest  # noqa: E402
 from conftest import tiny_config  # noqa: E402
-from data_fixtures import make_folder  # noqa: E402
+from data_fixtures import write_image  # noqa: E402
 
 from promptdml.engine import Trainer  # noqa: E402
 from promptdml.engine.state import LAST, RESUME_DIR  # noqa: E402
@@ -138,7 +139,13 @@ def _single_process_env(monkeypatch):
 
 @pytest.fixture
 def data_root(tmp_path):
-    return make_folder(tmp_path / "imgs", {f"c{i:02d}": 4 for i in range(12)})
+    # pixels seeded by the relative name, not the temporary path: the same images in every run, so the
+    # float summation-order differences compared below do not change from run to run
+    root = tmp_path / "imgs"
+    for i in range(12):
+        for j in range(4):
+            write_image(root / f"c{i:02d}" / f"{j:03d}.png", seed=zlib.crc32(f"c{i:02d}/{j}".encode()))
+    return root
 
 
 def _overrides(root, out, **extra) -> dict:
@@ -149,10 +156,20 @@ def _overrides(root, out, **extra) -> dict:
     return o
 
 
-def _assert_same(a: dict, b: dict, atol: float = 1e-5) -> None:
+def _assert_same(a: dict, b: dict, atol: float = 1e-5, noisy: float = 0.0) -> None:
+    """Every tensor equal within ``atol``; with ``noisy`` > 0 up to that fraction of a tensor's elements may
+    instead differ by at most 1e-3 (AdamW: a coordinate whose true gradient nearly cancels gets a
+    summation-order-dependent sign, and Adam turns it into an lr-sized step; a real defect, such as a row
+    gradient that did not travel, moves whole rows by ~lr = 0.05)."""
     assert set(a) == set(b) and a
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+        if not noisy:
+            torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
+            continue
+        diff = (a[key].double() - b[key].double()).abs()
+        off = int((diff > atol).sum())
+        assert off <= noisy * diff.numel(), f"{key}: {off} of {diff.numel()} elements differ by more than {atol}"
+        assert diff.numel() == 0 or float(diff.max()) <= 1e-3, f"{key}: max difference {float(diff.max())}"
 
 
 # AdamW runs without BitFit: the attention *key* bias has an exactly-zero true gradient (softmax is shift
@@ -176,9 +193,10 @@ def test_two_processes_equal_one_process(tiny_weights, data_root, tmp_path, bank
     ref_opt = _row_opt_state(single)
     assert ranks[0]["global_step"] == single.global_step == 3
     assert "class_prompts.table" in ref and "proxies.container" in ref
+    noisy = 1e-3 if o["optim.optimizer"] == "adamw" else 0.0
     for r in ranks:  # every rank holds the single-process weights, class prompts, container and row-opt state
-        _assert_same(r["state"], ref)
-        _assert_same(r["row_opt"], {k: v.cpu() for k, v in ref_opt.items()})
+        _assert_same(r["state"], ref, noisy=noisy)
+        _assert_same(r["row_opt"], {k: v.cpu() for k, v in ref_opt.items()}, noisy=noisy)
     # the ranks are replicas of each other bit for bit
     for key in ranks[0]["state"]:
         assert torch.equal(ranks[0]["state"][key], ranks[1]["state"][key]), key
