@@ -1,6 +1,8 @@
 """Extension points: a tuner and a loss registered from outside the package train end to end; the class-prompt
 optimiser is a torch optimiser that GradScaler, clipping, schedulers and state_dict treat like the others."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -161,3 +163,52 @@ def test_proxy_loss_picks_the_proxies_by_range():
     assert torch.equal(ProxyLoss(base, "both_all")(emb, labels, out), base(emb, labels, proxies))
     assert torch.equal(ProxyLoss(base, "in_batch")(emb, labels, out), base(emb, labels, proxies[[0, 2]],
                                                                            torch.tensor([0, 2])))
+
+
+@pytest.fixture
+def toy_dataset():
+    """A dataset format the package does not know: ``labels.tsv`` rows ``file<TAB>class<TAB>train|test``."""
+    from promptdml.data.sources import Candidate, Listing
+    from promptdml.registry import DATASETS, DatasetSpec, register_dataset
+
+    def read(cfg, with_test, progress):
+        root = Path(cfg.root)
+        rows = [line.split("\t") for line in (root / "labels.tsv").read_text().splitlines() if line]
+        return Listing([Candidate(str(root / f), c, s) for f, c, s in rows], str(root))
+
+    register_dataset(DatasetSpec("toy_tsv", read, layout="<root>/labels.tsv + images", train_classes=3))
+    yield
+    DATASETS.unregister("toy_tsv")
+
+
+def test_a_registered_toy_dataset_validates_builds_splits_and_shows_in_the_cli(tmp_path, toy_dataset, capsys):
+    from data_fixtures import write_image
+
+    from promptdml import cli
+    from promptdml.config import describe_keys, load_config
+    from promptdml.data import build_splits
+
+    rows = []
+    for c in range(5):
+        for i in range(3):
+            name = f"img_{c}_{i}.png"
+            write_image(tmp_path / name, seed=10 * c + i)
+            rows.append(f"{name}\tk{c}\t{'train' if c < 3 else 'test'}")
+    (tmp_path / "labels.tsv").write_text("\n".join(rows) + "\n")
+    cfg = load_config(None, {"data.dataset": "toy_tsv", "data.root": str(tmp_path)})
+    splits = build_splits(cfg.data, check_images="exists")
+    assert splits.name == "toy_tsv"
+    assert splits.train.class_names == ["k0", "k1", "k2"] and len(splits.train) == 9
+    assert splits.test.class_names == ["k3", "k4"] and len(splits.test) == 6
+    assert cli._train_class_count(cfg) == 3  # from the spec, without reading the data
+    assert "toy_tsv" in dict((k, h) for k, _, _, h in describe_keys())["data.dataset"]
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["info", "--help"])
+    assert "toy_tsv" in " ".join(capsys.readouterr().out.split())
+
+
+def test_unknown_dataset_names_the_registered_ones(tmp_path):
+    from promptdml.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="inaturalist"):
+        load_config(None, {"data.dataset": "cub2000"})

@@ -13,6 +13,7 @@ from typing import Any
 
 from promptdml import __version__
 from promptdml.config import Config, ConfigError, load_config, parse_override, resolve_config
+from promptdml.registry import DATASETS
 from promptdml.text import plural
 
 DOCS = "docs/getting-started.md (all guides in docs/; every config key: docs/configuration.md)"
@@ -25,15 +26,15 @@ DOCS = "docs/getting-started.md (all guides in docs/; every config key: docs/con
 class Flag:
     option: str
     key: str
-    help: str
+    help: str | Callable[[], str]
+    """The help text, or a function giving it when the parser is built (lists registered names)."""
     type: Callable[[str], Any] = str
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
 
 
 FLAGS: dict[str, Flag] = {f.option.lstrip("-").replace("-", "_"): f for f in (
-    Flag("--dataset", "data.dataset", "data.dataset: demo, folder, csv, cub200, cars196, online_products, inshop, "
-                                      "inaturalist", metavar="NAME"),
+    Flag("--dataset", "data.dataset", lambda: "data.dataset: " + ", ".join(DATASETS.names()), metavar="NAME"),
     Flag("--data-root", "data.root", "data.root: your folder of class folders, your CSV list, or the folder "
                                      "holding the benchmark datasets", metavar="PATH"),
     Flag("--weights", "model.backbone.weights", "model.backbone.weights: a local pretrained weights file "
@@ -87,7 +88,8 @@ def add_config_flags(p: argparse.ArgumentParser, command: str, config: str = "op
                         "(repeatable; every key: docs/configuration.md)")
     for name in COMMAND_FLAGS[command]:
         f = FLAGS[name]
-        p.add_argument(f.option, dest=name, type=f.type, choices=f.choices, metavar=f.metavar, help=f.help)
+        p.add_argument(f.option, dest=name, type=f.type, choices=f.choices, metavar=f.metavar,
+                       help=f.help() if callable(f.help) else f.help)
 
 
 def add_overwrite_flag(p: argparse.ArgumentParser) -> None:
@@ -237,17 +239,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-KNOWN_TRAIN_CLASSES = {"cub200": 100, "cars196": 98, "online_products": 11318, "inshop": 3997,
-                       "inaturalist": 5690}
-
-
 def _train_class_count(cfg: Config) -> int:
     d = cfg.data
-    if d.dataset in KNOWN_TRAIN_CLASSES:
-        n = KNOWN_TRAIN_CLASSES[d.dataset]
-        return n - round(d.val_ratio * n)
-    if d.dataset == "demo":
-        n = round(d.demo_classes * d.train_ratio)
+    n = DATASETS.get(d.dataset).count_train_classes(d)  # validated: a registered dataset
+    if n is not None:
         return n - round(d.val_ratio * n)
     from promptdml.data import build_splits
 

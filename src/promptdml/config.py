@@ -27,7 +27,7 @@ class DataConfig:
     """Where the images come from and how batches are formed."""
 
     dataset: str = "demo"
-    """demo | folder | csv | cub200 | cars196 | online_products | inshop | inaturalist"""
+    # choices: the registered datasets (promptdml.registry.DATASETS); describe_keys lists them
     root: str = ""
     """Data root: for benchmarks the folder holding ``<dataset>/``; for ``folder`` the folder of class
     sub-folders; for ``csv`` the list file; for ``demo`` where the generated images are cached."""
@@ -252,15 +252,14 @@ class Config:
 
     def validate(self) -> Config:
         """Check values that a type alone cannot express; raise ConfigError with the fix."""
-        _choice("data.dataset", self.data.dataset,
-                ["demo", "folder", "csv", "cub200", "cars196", "online_products", "inshop", "inaturalist"])
+        from promptdml.registry import DATASETS, LOSSES
+
+        _choice("data.dataset", self.data.dataset, DATASETS.names())
         _choice("model.backbone.pool", self.model.backbone.pool, ["cls", "avg", "cls+avg"])
         _choice("model.head_init", self.model.head_init, ["xavier", "centered"])
         _choice("model.proxy.container_update", self.model.proxy.container_update, ["gru_relu", "gru", "mix"])
         _choice("model.proxy.bias_init", self.model.proxy.bias_init, ["normal", "kaiming", "class_mean"])
         _choice("model.proxy.container_init", self.model.proxy.container_init, ["random", "class_mean"])
-        from promptdml.registry import LOSSES
-
         _choice("loss.name", self.loss.name, LOSSES.names())
         if not (math.isfinite(self.loss.temperature) and self.loss.temperature > 0):
             raise ConfigError(f"loss.temperature must be a positive number, got {self.loss.temperature}")
@@ -722,6 +721,11 @@ def describe_keys() -> list[tuple[str, str, Any, str]]:
                 docs[node.target.id] = " ".join(inspect.cleandoc(nxt.value.value).split())
         return docs
 
+    def registry_choices(key: str) -> str:
+        from promptdml.registry import DATASETS
+
+        return " | ".join(DATASETS.names()) if key == "data.dataset" else ""
+
     def type_name(tp: Any) -> str:
         if typing.get_origin(tp) is None and isinstance(tp, type):
             return tp.__name__
@@ -738,7 +742,8 @@ def describe_keys() -> list[tuple[str, str, Any, str]]:
             if dataclasses.is_dataclass(tp):
                 walk(tp, getattr(obj, f.name), key + ".")
             else:
-                rows.append((key, type_name(tp), getattr(obj, f.name), docs.get(f.name) or fallback.get(key, "")))
+                help_text = docs.get(f.name) or fallback.get(key, "") or registry_choices(key)
+                rows.append((key, type_name(tp), getattr(obj, f.name), help_text))
 
     walk(Config, Config(), "")
     return rows

@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -62,6 +63,9 @@ class Registry:
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
 
 LOSSES = Registry("loss")
 """``loss.name`` -> ``build(LossConfig) -> loss`` where ``loss(embeddings, labels, proxy_output)`` is a scalar."""
@@ -74,6 +78,51 @@ TUNERS = Registry("tuner")
 CLASS_PROMPT_SOURCES = Registry("class-prompt source")
 """Where the class prompts come from: name -> ``build(num_classes, counts, dim, memory_bank) -> nn.Module``."""
 CLASS_PROMPT_SOURCES.register("table", "promptdml.models.prompts:ClassPrompts")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One ``data.dataset`` value: everything the package knows about a dataset, in one place.
+
+    ``reader(cfg, with_test, progress)`` (cfg: the DataConfig) lists the candidate images as a
+    :class:`promptdml.data.sources.Listing` of ``Candidate(path, class name, split or None, where listed)``;
+    ``build_splits`` checks the files, splits unsplit classes by ``data.train_ratio`` and numbers the classes.
+    """
+
+    name: str
+    reader: Callable[..., Any] | str
+    """The reader, or a lazy ``"module:attribute"`` reference to it."""
+    layout: str = ""
+    """The expected layout on disk, named in data errors."""
+    user_data: bool = False
+    """The user's own data: a training class with a single image stops training (a benchmark keeps it)."""
+    train_classes: int | Callable[[Any], int] | None = None
+    """Number of training classes before the validation split (an int, or a function of the DataConfig), so
+    that ``promptdml info`` can count parameters without reading the data; None = read the data."""
+
+    def read(self, cfg: Any, with_test: bool = True, progress: bool = False) -> Any:
+        reader = self.reader
+        if isinstance(reader, str):
+            module, attr = reader.split(":", 1)
+            reader = getattr(importlib.import_module(module), attr)
+        return reader(cfg, with_test, progress)
+
+    def count_train_classes(self, cfg: Any) -> int | None:
+        n = self.train_classes
+        return n(cfg) if callable(n) else n
+
+
+DATASETS = Registry("dataset")
+"""``data.dataset`` -> :class:`DatasetSpec` (the package's own are defined in ``data/sources.py``); the config's
+choices, the ``--dataset`` help and ``promptdml info`` all read this."""
+for _name in ("demo", "folder", "csv", "cub200", "cars196", "online_products", "inshop", "inaturalist"):
+    DATASETS.register(_name, f"promptdml.data.sources:{_name.upper()}")
+del _name
+
+
+def register_dataset(spec: DatasetSpec, *, override: bool = False) -> DatasetSpec:
+    """Register a dataset under ``data.dataset = spec.name``."""
+    return DATASETS.register(spec.name, spec, override=override)
 
 
 def register_loss(name: str, build: Callable | None = None) -> Any:

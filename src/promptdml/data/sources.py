@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from promptdml.files import os_reason
+from promptdml.registry import DATASETS, DatasetSpec
 
 from .images import IMAGE_EXTENSIONS, find_bad_images, is_image_file
 from .records import (
@@ -31,18 +32,18 @@ from .records import (
     split_classes,
 )
 
-__all__ = ["build_splits", "default_cache_dir", "DATASETS"]
+__all__ = ["build_splits", "default_cache_dir", "DATASETS", "Candidate", "Listing"]
 
 log = logging.getLogger("promptdml.data")
 
-DATASETS = ("demo", "folder", "csv", "cub200", "cars196", "online_products", "inshop", "inaturalist")
-_USER_KINDS = ("demo", "folder", "csv")
 _MAX_LOGGED = 20
 _EXTS = "/".join(sorted(e[1:] for e in IMAGE_EXTENSIONS))
 
 
 @dataclass
-class _Item:
+class Candidate:
+    """One image a reader lists: its path, its class name and its split (None: split by class order)."""
+
     path: str
     cls: str
     split: str | None = None
@@ -51,8 +52,10 @@ class _Item:
 
 
 @dataclass
-class _Raw:
-    items: list[_Item]
+class Listing:
+    """What a dataset reader returns: the candidate images under ``root`` and the problems met listing them."""
+
+    items: list[Candidate]
     root: str
     problems: list[str] = field(default_factory=list)
     class_dir: Callable[[str], str] | None = None
@@ -227,15 +230,15 @@ def _pick_base(rel_paths: list[str], bases: list[Path]) -> Path:
 _FOLDER_LAYOUT = "<root>/<class name>/<image> (images found recursively; one sub-folder per class)"
 
 
-def _read_folder(cfg, with_test: bool = True, root: Path | None = None) -> _Raw:
+def _read_folder(cfg, with_test: bool = True, progress: bool = False, root: Path | None = None) -> Listing:
     root = root if root is not None else _need_root(cfg, "the folder holding one sub-folder per class")
     problems: list[str] = []
     by_class = _class_folders(root, _FOLDER_LAYOUT, problems)
-    items = [_Item(p, c) for c, ps in by_class.items() for p in ps]
-    return _Raw(items, str(root), problems, class_dir=lambda c: str(root / c))
+    items = [Candidate(p, c) for c, ps in by_class.items() for p in ps]
+    return Listing(items, str(root), problems, class_dir=lambda c: str(root / c))
 
 
-def _read_demo(cfg, with_test: bool = True, progress: bool = False) -> _Raw:
+def _read_demo(cfg, with_test: bool = True, progress: bool = False) -> Listing:
     try:
         from .synthetic import generate_demo_dataset
     except ImportError as e:  # pragma: no cover - the generator ships with the package
@@ -251,14 +254,14 @@ def _read_demo(cfg, with_test: bool = True, progress: bool = False) -> _Raw:
     except OSError as e:
         raise DataError(f"cannot write the demo data to '{root}': {e}. Set data.root to a writable folder "
                         f"or PROMPTDML_CACHE.") from None
-    return _read_folder(cfg, with_test, root)
+    return _read_folder(cfg, with_test, root=root)
 
 
 _SPLIT_VALUES = ("train", "test", "query", "gallery")
 _HEADER_PATH = {"path", "file", "filename", "file_name", "image", "image_path", "img", "filepath"}
 
 
-def _read_csv(cfg, with_test: bool = True) -> _Raw:
+def _read_csv(cfg, with_test: bool = True, progress: bool = False) -> Listing:
     path = _need_root(cfg, "the list file (rows: path,label[,split])")
     if path.is_dir():
         raise DataError(f"data.root '{path}' is a folder, but data.dataset=csv needs a list file with rows "
@@ -268,7 +271,7 @@ def _read_csv(cfg, with_test: bool = True) -> _Raw:
                         f"'path,label[,split]' (paths relative to the file's folder).")
     base = path.parent
     text = _read_lines(path)
-    items: list[_Item] = []
+    items: list[Candidate] = []
     has_split: bool | None = None
     first = True
     for lineno, row in enumerate(csv.reader(text), start=1):
@@ -293,7 +296,7 @@ def _read_csv(cfg, with_test: bool = True) -> _Raw:
             raise DataError(f"{path}:{lineno}: give the split column on every row or on none "
                             f"(rows without it are split by class with data.train_ratio)")
         p = Path(cells[0]).expanduser()
-        items.append(_Item(str(p if p.is_absolute() else base / p), cells[1], split, f"{path}:{lineno}"))
+        items.append(Candidate(str(p if p.is_absolute() else base / p), cells[1], split, f"{path}:{lineno}"))
     if not items:
         raise DataError(f"list file '{path}' has no rows; expected 'path,label[,split]' per line")
     splits = {it.split for it in items}
@@ -305,7 +308,7 @@ def _read_csv(cfg, with_test: bool = True) -> _Raw:
         raise DataError(f"{path}: no rows with split 'train'")
     if has_split and splits == {"train"}:
         raise DataError(f"{path}: only 'train' rows; add 'test' (or 'query'/'gallery') rows or drop the split column")
-    return _Raw(items, str(path), [], class_dir=lambda c: f"label '{c}' in {path}")
+    return Listing(items, str(path), [], class_dir=lambda c: f"label '{c}' in {path}")
 
 
 # --------------------------------------------------------------------------------------------- benchmarks
@@ -325,7 +328,7 @@ def _cub_is_train(name: str) -> bool:
     return m is None or int(m.group(1)) <= 100  # misnamed folders are kept so that they are reported
 
 
-def _read_cub200(cfg, with_test: bool = True) -> _Raw:
+def _read_cub200(cfg, with_test: bool = True, progress: bool = False) -> Listing:
     d = _find_dataset_dir(cfg, ("cub200", "CUB_200_2011", "cub"), lambda p: _cub_images(p) is not None, _CUB_LAYOUT)
     images = _cub_images(d)
     assert images is not None
@@ -342,14 +345,14 @@ def _read_cub200(cfg, with_test: bool = True) -> _Raw:
     items = []
     for c, ps in by_class.items():
         split = "train" if int(_CUB_DIR_RE.match(c).group(1)) <= 100 else "test"  # type: ignore[union-attr]
-        items.extend(_Item(p, c, split) for p in ps)
-    return _Raw(items, str(d), problems, class_dir=lambda c: str(images / c))
+        items.extend(Candidate(p, c, split) for p in ps)
+    return Listing(items, str(d), problems, class_dir=lambda c: str(images / c))
 
 
 _CARS_LAYOUT = "<root>/cars196/images/<class name, e.g. 'Acura Integra Type R 2001'>/*.jpg (196 folders)"
 
 
-def _read_cars196(cfg, with_test: bool = True) -> _Raw:
+def _read_cars196(cfg, with_test: bool = True, progress: bool = False) -> Listing:
     d = _find_dataset_dir(cfg, ("cars196", "cars", "CARS196"), lambda p: (p / "images").is_dir(), _CARS_LAYOUT)
     images = d / "images"
     problems: list[str] = []
@@ -360,8 +363,8 @@ def _read_cars196(cfg, with_test: bool = True) -> _Raw:
         problems.append(f"Cars196 has 196 classes, found {len(classes)} non-empty class folders in '{images}'; "
                         f"the first {n_train} (sorted by name) are used for training, the rest for testing.")
     train = set(classes[:n_train])
-    items = [_Item(p, c, "train" if c in train else "test") for c in classes for p in by_class[c]]
-    return _Raw(items, str(d), problems, class_dir=lambda c: str(images / c))
+    items = [Candidate(p, c, "train" if c in train else "test") for c in classes for p in by_class[c]]
+    return Listing(items, str(d), problems, class_dir=lambda c: str(images / c))
 
 
 _SOP_LAYOUT = ("<root>/online_products/Info_Files/Ebay_train.txt + Ebay_test.txt (header 'image_id class_id "
@@ -376,11 +379,11 @@ def _sop_list(d: Path, name: str) -> Path | None:
     return None
 
 
-def _read_online_products(cfg, with_test: bool = True) -> _Raw:
+def _read_online_products(cfg, with_test: bool = True, progress: bool = False) -> Listing:
     d = _find_dataset_dir(cfg, ("online_products", "Stanford_Online_Products", "sop"),
                           lambda p: _sop_list(p, "Ebay_train.txt") is not None or (p / "Info_Files").is_dir(),
                           _SOP_LAYOUT)
-    items: list[_Item] = []
+    items: list[Candidate] = []
     rel: list[str] = []
     for split, name in (("train", "Ebay_train.txt"), ("test", "Ebay_test.txt"))[: 2 if with_test else 1]:
         ann = _sop_list(d, name)
@@ -402,13 +405,13 @@ def _read_online_products(cfg, with_test: bool = True) -> _Raw:
                 raise DataError(f"{ann}:{lineno}: expected 'image_id class_id super_class_id path', got {line!r}")
             p = parts[cols["path"]] if cols["path"] < 3 else parts[3]
             rel.append(p.strip())
-            items.append(_Item(p.strip(), parts[cols["class_id"]], split, f"{ann}:{lineno}"))
+            items.append(Candidate(p.strip(), parts[cols["class_id"]], split, f"{ann}:{lineno}"))
     if not items:
         raise DataError(f"'{d}': Ebay_train.txt / Ebay_test.txt list no images")
     base = _pick_base(rel, [d / "images", d])
     for it in items:
         it.path = str(base / it.path)
-    return _Raw(items, str(d), [])
+    return Listing(items, str(d), [])
 
 
 _INSHOP_LAYOUT = ("<root>/inshop/list_eval_partition.txt (line 1: count, line 2: 'image_name item_id "
@@ -423,7 +426,7 @@ def _inshop_list(d: Path) -> Path | None:
     return None
 
 
-def _read_inshop(cfg, with_test: bool = True) -> _Raw:
+def _read_inshop(cfg, with_test: bool = True, progress: bool = False) -> Listing:
     d = _find_dataset_dir(cfg, ("inshop", "In-shop Clothes Retrieval Benchmark", "InShop", "in-shop"),
                           lambda p: _inshop_list(p) is not None or (p / "img").is_dir() or (p / "Img").is_dir(),
                           _INSHOP_LAYOUT)
@@ -433,7 +436,7 @@ def _read_inshop(cfg, with_test: bool = True) -> _Raw:
                         f"{_INSHOP_LAYOUT}")
     lines = _read_lines(ann)
     problems: list[str] = []
-    items: list[_Item] = []
+    items: list[Candidate] = []
     declared = None
     for lineno, line in enumerate(lines, start=1):
         s = line.strip()
@@ -448,7 +451,7 @@ def _read_inshop(cfg, with_test: bool = True) -> _Raw:
         if len(parts) != 3 or parts[2].lower() not in ("train", "query", "gallery"):
             raise DataError(f"{ann}:{lineno}: expected 'image_name item_id evaluation_status' with status "
                             f"train/query/gallery, got {line!r}")
-        items.append(_Item(parts[0], parts[1], parts[2].lower(), f"{ann}:{lineno}"))
+        items.append(Candidate(parts[0], parts[1], parts[2].lower(), f"{ann}:{lineno}"))
     if declared is not None and declared != len(items):
         problems.append(f"{ann}: line 1 declares {declared} images but {len(items)} are listed")
     if not items:
@@ -456,7 +459,7 @@ def _read_inshop(cfg, with_test: bool = True) -> _Raw:
     base = _pick_base([it.path for it in items], [ann.parent, d, d / "Img"])
     for it in items:
         it.path = str(base / it.path)
-    return _Raw(items, str(d), problems)
+    return Listing(items, str(d), problems)
 
 
 _INAT_LAYOUT = ("<root>/inaturalist/Inaturalist_train_set1.txt + Inaturalist_test_set1.txt (one path per line, "
@@ -464,7 +467,7 @@ _INAT_LAYOUT = ("<root>/inaturalist/Inaturalist_train_set1.txt + Inaturalist_tes
                 "<root>/inaturalist/train_val2018/<supercategory>/<species>/")
 
 
-def _read_inaturalist(cfg, with_test: bool = True) -> _Raw:
+def _read_inaturalist(cfg, with_test: bool = True, progress: bool = False) -> Listing:
     names = {"train": "Inaturalist_train_set1.txt", "test": "Inaturalist_test_set1.txt"}
 
     def listing(p: Path, name: str) -> Path | None:
@@ -475,7 +478,7 @@ def _read_inaturalist(cfg, with_test: bool = True) -> _Raw:
 
     d = _find_dataset_dir(cfg, ("inaturalist", "iNaturalist", "inat"),
                           lambda p: any(listing(p, n) for n in names.values()), _INAT_LAYOUT)
-    items: list[_Item] = []
+    items: list[Candidate] = []
     for split, name in names.items():
         if split != "train" and not with_test:
             continue
@@ -499,24 +502,22 @@ def _read_inaturalist(cfg, with_test: bool = True) -> _Raw:
             if len(parent) < 2:
                 raise DataError(f"{ann}:{lineno}: cannot take the class from {s!r}; expected "
                                 f"<...>/<supercategory>/<species>/<image>")
-            items.append(_Item(str(d / s), f"{parent[-2]}/{parent[-1]}", split, f"{ann}:{lineno}"))
-    return _Raw(items, str(d), [])
+            items.append(Candidate(str(d / s), f"{parent[-2]}/{parent[-1]}", split, f"{ann}:{lineno}"))
+    return Listing(items, str(d), [])
 
 
-_LAYOUTS = {"folder": _FOLDER_LAYOUT, "demo": _FOLDER_LAYOUT, "cub200": _CUB_LAYOUT, "cars196": _CARS_LAYOUT,
-            "online_products": _SOP_LAYOUT, "inshop": _INSHOP_LAYOUT, "inaturalist": _INAT_LAYOUT,
-            "csv": "a list file with rows 'path,label[,split]', paths relative to the file's folder"}
+_CSV_LAYOUT = "a list file with rows 'path,label[,split]', paths relative to the file's folder"
 
-_READERS: dict[str, Callable[[object, bool], _Raw]] = {
-    "demo": _read_demo,
-    "folder": _read_folder,
-    "csv": _read_csv,
-    "cub200": _read_cub200,
-    "cars196": _read_cars196,
-    "online_products": _read_online_products,
-    "inshop": _read_inshop,
-    "inaturalist": _read_inaturalist,
-}
+# The package's datasets (registered by name in promptdml/registry.py; a new one is one register_dataset call).
+DEMO = DatasetSpec("demo", _read_demo, _FOLDER_LAYOUT, user_data=True,
+                   train_classes=lambda d: round(d.demo_classes * d.train_ratio))
+FOLDER = DatasetSpec("folder", _read_folder, _FOLDER_LAYOUT, user_data=True)
+CSV = DatasetSpec("csv", _read_csv, _CSV_LAYOUT, user_data=True)
+CUB200 = DatasetSpec("cub200", _read_cub200, _CUB_LAYOUT, train_classes=100)
+CARS196 = DatasetSpec("cars196", _read_cars196, _CARS_LAYOUT, train_classes=98)
+ONLINE_PRODUCTS = DatasetSpec("online_products", _read_online_products, _SOP_LAYOUT, train_classes=11318)
+INSHOP = DatasetSpec("inshop", _read_inshop, _INSHOP_LAYOUT, train_classes=3997)
+INATURALIST = DatasetSpec("inaturalist", _read_inaturalist, _INAT_LAYOUT, train_classes=5690)
 
 
 # --------------------------------------------------------------------------------------------- assembly
@@ -529,7 +530,7 @@ def _report(problems: list[str], new: list[str]) -> None:
     problems.extend(new)
 
 
-def _drop_bad(raw: _Raw, check_images: str, problems: list[str], progress: bool = False) -> list[_Item]:
+def _drop_bad(raw: Listing, check_images: str, problems: list[str], progress: bool = False) -> list[Candidate]:
     bad = find_bad_images([it.path for it in raw.items], check_images, progress=progress)
     if len(raw.items) >= 10 and len(bad) > len(raw.items) // 2:
         i, reason = min(bad.items())
@@ -550,11 +551,11 @@ def _drop_bad(raw: _Raw, check_images: str, problems: list[str], progress: bool 
     return [it for i, it in enumerate(raw.items) if i not in bad]
 
 
-def _describe(it: _Item) -> str:
+def _describe(it: Candidate) -> str:
     return f"'{it.path}'" + (f" ({it.source})" if it.source else "") + (f" [{it.split}]" if it.split else "")
 
 
-def _check_duplicates(raw: _Raw) -> None:
+def _check_duplicates(raw: Listing) -> None:
     """Every real file (symbolic links resolved) may appear once: a duplicate counts an image twice, and a file
     in two splits (or two classes that end up in different splits) puts test images into training."""
     seen: dict[str, int] = {}
@@ -621,7 +622,7 @@ def _warn_same_content(splits: Splits, problems: list[str]) -> None:
     _report(problems, found)
 
 
-def _records(items: list[_Item], order: list[str] | None = None) -> ImageRecords:
+def _records(items: list[Candidate], order: list[str] | None = None) -> ImageRecords:
     return records_from_pairs([it.path for it in items], [it.cls for it in items], order=order)
 
 
@@ -651,11 +652,12 @@ def build_splits(cfg, check_images: str = "header", with_test: bool = True, stri
     ``progress``: progress bars for the demo data generation and the image checks.
     """
     kind = str(cfg.dataset)
-    if kind not in _READERS:
+    if kind not in DATASETS:
         raise DataError(f"unknown data.dataset '{kind}'; choose one of {list(DATASETS)}")
-    raw = _READERS[kind](cfg, with_test, progress=progress) if kind == "demo" else _READERS[kind](cfg, with_test)
+    spec: DatasetSpec = DATASETS.get(kind)
+    raw = spec.read(cfg, with_test, progress)
     raw.kind = raw.kind or kind
-    raw.layout = raw.layout or _LAYOUTS.get(kind, "")
+    raw.layout = raw.layout or spec.layout
     problems: list[str] = []
     blocking: list[str] = []
     _report(problems, raw.problems)
@@ -670,7 +672,7 @@ def build_splits(cfg, check_images: str = "header", with_test: bool = True, stri
     if not items:
         raise DataError(f"{where}: no readable images (see the problems above)")
 
-    groups: dict[str, list[_Item]] = defaultdict(list)
+    groups: dict[str, list[Candidate]] = defaultdict(list)
     for it in items:
         groups[it.split].append(it)  # type: ignore[index]
     if not groups.get("train"):
@@ -712,7 +714,7 @@ def build_splits(cfg, check_images: str = "header", with_test: bool = True, stri
         shown = ", ".join(name(c) for c in single[:10]) + (f" and {len(single) - 10} more" if len(single) > 10 else "")
         msg = (f"{len(single)} training class(es) have a single image and cannot form a positive pair: {shown}. "
                f"Add images to them or remove them")
-        if kind in _USER_KINDS:
+        if spec.user_data:
             if strict:
                 raise DataError(msg + ".")
             blocking.append(msg + ".")
@@ -727,7 +729,7 @@ def build_splits(cfg, check_images: str = "header", with_test: bool = True, stri
     return splits
 
 
-def _assign_split_by_class(items: list[_Item], train_ratio: float, where: str) -> None:
+def _assign_split_by_class(items: list[Candidate], train_ratio: float, where: str) -> None:
     """Unsplit items: the first ``round(train_ratio * C)`` of the sorted listed classes train, the rest test.
 
     Decided on the listed classes, before any image is checked, so that a build without the test split
