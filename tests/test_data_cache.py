@@ -15,7 +15,7 @@ from promptdml.config import Config, ConfigError
 from promptdml.data import ImageDataset, ImageRecords, build_train_loader, build_transforms
 from promptdml.data.cache import CACHE_SCALE, CachedTrainTransform, ImageCache, resolve_cache_dir
 from promptdml.data.images import load_rgb
-from promptdml.engine.distributed import SeededDataset
+from promptdml.data.loading import SeededDataset
 
 DC = {"mean": (0.5, 0.25, 0.125), "std": (0.5, 0.5, 0.25), "interpolation": "bicubic"}
 SIDE = 24

@@ -117,7 +117,7 @@ def test_train_and_eval_loaders(tmp_path):
     assert ev.pin_memory
     idx = torch.cat([i for _, _, i in ev])
     assert idx.tolist() == list(range(len(rec)))
-    wl = build_train_loader(rec, tf, 6, 2, None, 0, num_workers=2, device_type="cpu", rank=1, world_size=2)
+    wl = build_train_loader(rec, tf, 12, 2, None, 0, num_workers=2, device_type="cpu", rank=1, world_size=2)
     assert wl.persistent_workers and wl.num_workers == 2
     assert len(wl) == max(1, len(rec) // 12)
     assert next(iter(wl))[0].shape == (6, 3, 16, 16)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from promptdml.data import ClassBalancedBatchSampler
+from promptdml.data import ClassBalancedBatchSampler, ShardedBatchSampler
 
 
 def _labels(sizes):
@@ -65,20 +65,23 @@ def test_deterministic_per_seed_and_epoch():
 def test_distributed_ranks_disjoint_and_cover_global():
     labels = _labels([5] * 16)
     world = 2
-    ranks = [ClassBalancedBatchSampler(labels, 8, 2, num_batches=6, seed=3, rank=r, world_size=world)
+    base = ClassBalancedBatchSampler(labels, 8, 2, num_batches=6, seed=3)
+    ranks = [ShardedBatchSampler(ClassBalancedBatchSampler(labels, 8, 2, num_batches=6, seed=3), r, world)
              for r in range(world)]
-    for r in ranks:
+    for r in [base, *ranks]:
         r.set_epoch(4)
-    per_rank = [list(r) for r in ranks]
-    assert all(len(p) == 6 for p in per_rank)
-    glob = ranks[0].global_batches()
-    assert glob == ranks[1].global_batches() and len(glob) == world * 6
-    assert per_rank[0] == glob[0::2] and per_rank[1] == glob[1::2]
-    as_sets = [{tuple(b) for b in p} for p in per_rank]
-    assert not (as_sets[0] & as_sets[1])  # different batches on the two ranks
-    # default epoch length splits the data across ranks
-    d = ClassBalancedBatchSampler(labels, 8, 2, rank=1, world_size=2)
-    assert len(d) == len(labels) // (8 * 2)
+    per_rank = [[[i for i, _ in b] for b in r] for r in ranks]
+    seeds = [[[s for _, s in b] for b in r] for r in ranks]
+    assert all(len(p) == 6 for p in per_rank) and all(r.epoch == 4 for r in ranks)
+    glob = list(base)  # the global batches: the same in every process
+    assert len(glob) == 6
+    assert [a + b for a, b in zip(*per_rank, strict=True)] == glob  # rank slices, in order, are the global batch
+    for a, b in zip(*per_rank, strict=True):
+        assert not set(labels[a]) & set(labels[b])  # whole classes: no class on two ranks
+    assert not set(sum(seeds[0], [])) & set(sum(seeds[1], []))  # every sample its own augmentation seed
+    # the epoch length is the number of global steps, the same for every process count
+    d = ShardedBatchSampler(ClassBalancedBatchSampler(labels, 8, 2), 1, 2)
+    assert len(d) == len(ClassBalancedBatchSampler(labels, 8, 2)) == len(labels) // 8
 
 
 def test_classes_with_fewer_than_k_images():
@@ -111,7 +114,7 @@ def test_errors():
     with pytest.raises(ValueError, match="only 3 classes"):
         ClassBalancedBatchSampler(labels, 8, 2)
     with pytest.raises(ValueError, match="rank"):
-        ClassBalancedBatchSampler(labels, 4, 2, rank=2, world_size=2)
+        ShardedBatchSampler(ClassBalancedBatchSampler(labels, 4, 2), rank=2, world_size=2)
     with pytest.raises(ValueError, match="empty"):
         ClassBalancedBatchSampler([], 4, 2)
 

@@ -2,9 +2,9 @@
 
 from .check import check_dataset, format_report, inspect_dataset
 from .images import IMAGE_EXTENSIONS, find_bad_images, image_problem, load_rgb
-from .loading import ImageDataset, build_eval_loader, build_train_loader
+from .loading import ImageDataset, SeededDataset, build_eval_loader, build_train_loader
 from .records import DataError, ImageRecords, Splits
-from .sampler import ClassBalancedBatchSampler
+from .sampler import ClassBalancedBatchSampler, ShardedBatchSampler
 from .sources import DATASETS, build_splits, default_cache_dir
 from .transforms import build_transforms
 
@@ -15,6 +15,8 @@ __all__ = [
     "DataError",
     "ImageDataset",
     "ImageRecords",
+    "SeededDataset",
+    "ShardedBatchSampler",
     "Splits",
     "build_eval_loader",
     "build_splits",

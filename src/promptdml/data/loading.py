@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, Dataset
 from .cache import CACHE_SCALE, CachedTrainTransform, ImageCache, resolve_cache_dir
 from .images import load_rgb
 from .records import DataError, ImageRecords
-from .sampler import ClassBalancedBatchSampler
+from .sampler import ClassBalancedBatchSampler, ShardedBatchSampler
 
-__all__ = ["ImageDataset", "build_train_loader", "build_eval_loader"]
+__all__ = ["ImageDataset", "SeededDataset", "build_train_loader", "build_eval_loader"]
 
 log = logging.getLogger("promptdml.data")
 
@@ -142,20 +142,45 @@ def _loader_kwargs(num_workers: int, device_type: str) -> dict[str, Any]:
     return kw
 
 
+class SeededDataset(torch.utils.data.Dataset):
+    """Wraps a dataset whose transform draws from torch's global RNG: item ``(index, seed)`` is produced with
+    the RNG seeded to ``seed`` (and the caller's RNG state restored), so augmentation is reproducible. Other
+    attributes are those of the wrapped dataset."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):
+        if name == "dataset":  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            return self.dataset[key]
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
 def build_train_loader(records: ImageRecords, transform, batch_size: int, samples_per_class: int,
                        num_batches: int | None, seed: int, num_workers: int, device_type: str,
                        rank: int = 0, world_size: int = 1) -> DataLoader:
-    """Training DataLoader over a :class:`ClassBalancedBatchSampler`.
+    """The training DataLoader: global class-balanced batches of ``batch_size`` split across ``world_size``
+    ranks by whole classes (:class:`ShardedBatchSampler`; one process yields the whole global batch), with
+    per-sample seeded augmentation, so 1 and N processes see the same images.
 
     Call ``loader.batch_sampler.set_epoch(epoch)`` before each epoch. Decoding happens in the workers
-    when ``num_workers > 0`` (persistent); memory is pinned only for CUDA. Augmentation randomness is
-    seeded from ``(seed, rank)``.
+    when ``num_workers > 0`` (persistent); memory is pinned only for CUDA.
     """
-    sampler = ClassBalancedBatchSampler(records.labels, batch_size, samples_per_class, num_batches=num_batches,
-                                        seed=seed, rank=rank, world_size=world_size)
-    gen = torch.Generator()
-    gen.manual_seed(int(seed) * 1000 + int(rank))
-    return DataLoader(ImageDataset(records, transform), batch_sampler=sampler, generator=gen,
+    base = ClassBalancedBatchSampler(records.labels, batch_size, samples_per_class, num_batches=num_batches,
+                                     seed=seed)
+    sampler = ShardedBatchSampler(base, rank, world_size)
+    return DataLoader(SeededDataset(ImageDataset(records, transform)), batch_sampler=sampler,
                       **_loader_kwargs(num_workers, device_type))
 
 

@@ -1,4 +1,8 @@
-"""Class-balanced batch sampler: every batch holds ``B / k`` distinct classes with ``k`` images each."""
+"""Class-balanced batches (``B / k`` distinct classes with ``k`` images each) and their split across ranks.
+
+:class:`ClassBalancedBatchSampler` draws the global batches (one RNG stream, the same in every process);
+:class:`ShardedBatchSampler` gives each rank its slice of whole classes of every global batch. Training always
+goes through both (one process: the slice is the whole batch), so 1 and N processes see the same images."""
 
 from __future__ import annotations
 
@@ -7,8 +11,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-__all__ = ["ClassBalancedBatchSampler"]
+from promptdml.errors import DistributedError
 
+__all__ = ["ClassBalancedBatchSampler", "ShardedBatchSampler"]
 
 
 def batch_too_large(num_classes: int, batch_size: int, samples_per_class: int) -> str | None:
@@ -54,15 +59,13 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
     * Classes are visited in shuffled passes (every class once per pass); images of a class are drawn
       without replacement in shuffled passes. A class with fewer than ``k`` images is sampled with
       replacement.
-    * Epoch length: ``num_batches`` per rank, or (``None``/0) ``len(labels) // (batch_size * world_size)``.
+    * Epoch length: ``num_batches``, or (``None``/0) ``len(labels) // batch_size``.
     * Deterministic for ``(seed, epoch)``; call :meth:`set_epoch` before each epoch.
-    * Distributed: ``world_size * num_batches`` global batches come from one RNG stream (identical on all
-      ranks); rank ``r`` takes the global batches ``r, r + world_size, ...``: ranks see disjoint batches
-      that together are the global sequence.
+    * Distributed: wrap it in :class:`ShardedBatchSampler` (the same global batches in every process).
     """
 
     def __init__(self, labels: Sequence[int] | np.ndarray | torch.Tensor, batch_size: int, samples_per_class: int,
-                 num_batches: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 num_batches: int | None = None, seed: int = 0):
         if isinstance(labels, torch.Tensor):
             labels = labels.cpu().numpy()
         labels = np.asarray(labels).reshape(-1)
@@ -74,8 +77,6 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
         if batch_size % k != 0:
             raise ValueError(f"batch_size ({batch_size}) must be divisible by samples_per_class ({k}): a batch "
                              f"holds batch_size / k classes with k images each")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         classes, inverse = np.unique(labels, return_inverse=True)
         m = batch_size // k
         if len(classes) < m:
@@ -90,10 +91,8 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.samples_per_class = k
         self.classes_per_batch = m
         self.seed = int(seed)
-        self.rank = int(rank)
-        self.world_size = int(world_size)
         if num_batches is None or num_batches <= 0:
-            num_batches = max(1, len(labels) // (batch_size * world_size))
+            num_batches = max(1, len(labels) // batch_size)
         self.num_batches = int(num_batches)
         self.epoch = 0
 
@@ -103,14 +102,13 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __len__(self) -> int:
         return self.num_batches
 
-    def global_batches(self) -> list[list[int]]:
-        """All ``world_size * num_batches`` batches of the current epoch (identical on every rank)."""
+    def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         k, m = self.samples_per_class, self.classes_per_batch
         class_cycle = _Cycle(np.arange(len(self.class_indices)), rng)
         pools: dict[int, _Cycle] = {}
         out = []
-        for _ in range(self.world_size * self.num_batches):
+        for _ in range(self.num_batches):
             batch: list[int] = []
             for c in class_cycle.take(m):
                 idx = self.class_indices[c]
@@ -123,8 +121,47 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
                     chosen = pool.take(k)
                 batch.extend(int(i) for i in chosen)
             out.append(batch)
-        return out
+        yield from out
 
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = self.global_batches()
-        yield from batches[self.rank::self.world_size]
+
+class ShardedBatchSampler(torch.utils.data.Sampler):
+    """Splits each *global* class-balanced batch into ``world_size`` contiguous slices of whole classes.
+
+    ``base`` is a :class:`ClassBalancedBatchSampler` over the global batch size B (same seed on every rank, so
+    the same global sequence as a 1-process run). Rank r gets the images ``[r B/N, (r+1) B/N)`` of every global
+    batch; B/N must be a multiple of k so no class is split. Items are ``(dataset_index, sample_seed)``: the
+    seed fixes the sample's augmentation (:class:`promptdml.data.loading.SeededDataset`), independent of the
+    rank, worker and process count. ``len`` is the number of (global) steps per epoch.
+    """
+
+    def __init__(self, base: ClassBalancedBatchSampler, rank: int = 0, world_size: int = 1) -> None:
+        b, k = base.batch_size, base.samples_per_class
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if b % (k * world_size):
+            raise DistributedError(
+                f"data.batch_size={b} (the global batch) must be divisible by samples_per_class * world_size = "
+                f"{k} * {world_size}: each rank takes batch_size / world_size = {b / world_size:g} images, which "
+                f"must be whole classes of k={k} images. Choose a batch size that is a multiple of {k * world_size}.")
+        self.base, self.rank, self.world_size = base, rank, world_size
+        self.per_rank = b // world_size
+
+    @property
+    def epoch(self) -> int:
+        return self.base.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        batches = list(iter(self.base))
+        if not batches:
+            return
+        seeds = np.random.default_rng([self.base.seed, self.base.epoch, 0xA06]).integers(
+            0, 2**62, size=(len(batches), len(batches[0])), dtype=np.int64)
+        lo, hi = self.rank * self.per_rank, (self.rank + 1) * self.per_rank
+        for batch, row in zip(batches, seeds, strict=True):
+            yield [(int(i), int(s)) for i, s in zip(batch[lo:hi], row[lo:hi], strict=True)]

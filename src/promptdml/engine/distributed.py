@@ -30,11 +30,10 @@ import datetime
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -44,9 +43,8 @@ from promptdml.errors import DistributedError
 log = logging.getLogger("promptdml")
 
 __all__ = ["DistContext", "SINGLE", "init_distributed", "env_world_size", "env_rank", "all_gather_cat",
-           "all_gather_varlen", "all_reduce_grads_", "broadcast_object", "ShardedBatchSampler",
-           "SeededDataset", "shard_batches", "broadcast_tensors_", "check_replicas_equal",
-           "build_sharded_train_loader", "DistributedError"]
+           "all_gather_varlen", "all_reduce_grads_", "broadcast_object", "shard_batches",
+           "broadcast_tensors_", "check_replicas_equal", "DistributedError"]
 
 
 
@@ -288,83 +286,6 @@ def check_replicas_equal(tensors: dict[str, torch.Tensor], ctx: DistContext, wha
 
 
 # ------------------------------------------------------------------------------------------------ data
-class ShardedBatchSampler(torch.utils.data.Sampler):
-    """Splits each *global* class-balanced batch into ``world_size`` contiguous slices of whole classes.
-
-    ``base`` is a single-process :class:`~promptdml.data.sampler.ClassBalancedBatchSampler` over the global
-    batch size B (same seed on every rank, so the same global sequence as a 1-process run). Rank r gets the
-    images ``[r B/N, (r+1) B/N)`` of every global batch; B/N must be a multiple of k so no class is split.
-    Items are ``(dataset_index, sample_seed)``: the seed fixes the sample's augmentation, independent of the
-    rank, worker and process count. ``len`` is the number of (global) steps per epoch.
-    """
-
-    def __init__(self, base, rank: int = 0, world_size: int = 1) -> None:
-        b, k = base.batch_size, base.samples_per_class
-        if getattr(base, "world_size", 1) != 1:
-            raise ValueError("ShardedBatchSampler wraps a sampler over global batches (world_size=1)")
-        if b % (k * world_size):
-            raise DistributedError(
-                f"data.batch_size={b} (the global batch) must be divisible by samples_per_class * world_size = "
-                f"{k} * {world_size}: each rank takes batch_size / world_size = {b / world_size:g} images, which "
-                f"must be whole classes of k={k} images. Choose a batch size that is a multiple of {k * world_size}.")
-        self.base, self.rank, self.world_size = base, rank, world_size
-        self.per_rank = b // world_size
-
-    @property
-    def epoch(self) -> int:
-        return self.base.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.base.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        batches = list(iter(self.base))
-        if not batches:
-            return
-        seeds = np.random.default_rng([self.base.seed, self.base.epoch, 0xA06]).integers(
-            0, 2**62, size=(len(batches), len(batches[0])), dtype=np.int64)
-        lo, hi = self.rank * self.per_rank, (self.rank + 1) * self.per_rank
-        for batch, row in zip(batches, seeds, strict=True):
-            yield [(int(i), int(s)) for i, s in zip(batch[lo:hi], row[lo:hi], strict=True)]
-
-
-class SeededDataset(torch.utils.data.Dataset):
-    """Wraps a dataset whose transform draws from torch's global RNG: item ``(index, seed)`` is produced with
-    the RNG seeded to ``seed`` (and the caller's RNG state restored), so augmentation is reproducible."""
-
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        if not isinstance(key, tuple):
-            return self.dataset[key]
-        index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.dataset[index]
-
-
-def build_sharded_train_loader(records, transform, batch_size: int, samples_per_class: int,
-                               num_batches: int | None, seed: int, num_workers: int, device_type: str,
-                               ctx: DistContext = SINGLE) -> torch.utils.data.DataLoader:
-    """Training loader over global batches of ``batch_size`` split across ranks (see
-    :class:`ShardedBatchSampler`); with one process it yields the whole global batch."""
-    from promptdml.data.loading import ImageDataset, _loader_kwargs
-    from promptdml.data.sampler import ClassBalancedBatchSampler
-
-    base = ClassBalancedBatchSampler(records.labels, batch_size, samples_per_class, num_batches=num_batches,
-                                     seed=seed)
-    sampler = ShardedBatchSampler(base, ctx.rank, ctx.world_size)
-    return torch.utils.data.DataLoader(SeededDataset(ImageDataset(records, transform)), batch_sampler=sampler,
-                                       **_loader_kwargs(num_workers, device_type))
-
-
 def shard_batches(n: int, batch_size: int, ctx: DistContext) -> list[list[int]]:
     """Evaluation sharding: the dataset-order batches of ``batch_size``; rank r takes batches r, r+N, ...
     (every batch has the same composition as in a single process, so embeddings are bitwise the same)."""

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from promptdml.config import Config, save_config
-from promptdml.data import Splits, build_splits, build_transforms
+from promptdml.data import Splits, build_splits, build_train_loader, build_transforms
 from promptdml.engine.callbacks import (
     Callback,
     Checkpoints,
@@ -39,7 +39,6 @@ from promptdml.engine.distributed import (
     all_gather_varlen,
     all_reduce_grads_,
     broadcast_object,
-    build_sharded_train_loader,
     init_distributed,
 )
 from promptdml.engine.evaluator import class_means, embed_records
@@ -168,8 +167,8 @@ def build_parts(cfg: Config, splits: Splits | None = None, run_dir: Path | None 
     d = cfg.data
     transform = build_transforms(model.data_config, cfg.model.backbone.img_size, train=True)
     # global batches of data.batch_size, split by whole classes across ranks; per-sample seeded augmentation
-    loader = build_sharded_train_loader(train, transform, d.batch_size, d.samples_per_class,
-                                        d.batches_per_epoch or None, cfg.train.seed, d.num_workers, device.type, dist)
+    loader = build_train_loader(train, transform, d.batch_size, d.samples_per_class, d.batches_per_epoch or None,
+                                cfg.train.seed, d.num_workers, device.type, rank=dist.rank, world_size=dist.world_size)
     lock = None
     if dist.is_main and not dry:  # rank 0 names the run (a timestamp), creates and locks it
         lock = prepare_run_dir(planned, overwrite, resume)
