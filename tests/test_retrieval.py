@@ -271,3 +271,20 @@ def test_cli_help_and_errors(setup, tmp_path, capsys):
     with pytest.raises(RetrievalError, match="not a promptdml index"):
         save_embeddings(tmp_path / "e.safetensors", np.eye(2, dtype=np.float32), ["a", "b"])
         load_index(tmp_path / "e.safetensors")
+
+
+def test_inference_code_imports_nothing_from_the_engine():
+    """retrieval/ (what promptdml.load returns) and the modules it shares with training stand apart from engine/."""
+    import ast
+
+    import promptdml
+
+    pkg = Path(promptdml.__file__).parent
+    files = [*sorted((pkg / "retrieval").glob("*.py")), pkg / "embedding.py", pkg / "device.py", pkg / "checkpoint.py"]
+    bad = []
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad += [f"{f.name}: {n}" for n in names if n.startswith("promptdml.engine")]
+    assert not bad

@@ -32,7 +32,7 @@ _LAZY: dict[str, str] = {
     "Trainer": "promptdml.engine.trainer",
     "TrainResult": "promptdml.engine.trainer",
     "evaluate_run": "promptdml.engine.evaluator",
-    "load_model": "promptdml.engine.checkpoint",
+    "load_model": "promptdml.checkpoint",
     "retrieval_metrics": "promptdml.metrics.retrieval",
     # data
     "build_splits": "promptdml.data.sources",

@@ -1,4 +1,4 @@
-from promptdml.engine.checkpoint import load_model, save_checkpoint
+from promptdml.checkpoint import load_model, save_checkpoint
 from promptdml.engine.evaluator import embed_records, evaluate, evaluate_run
 from promptdml.engine.trainer import Trainer, TrainingError, TrainingInterrupted, TrainResult, resume, train
 

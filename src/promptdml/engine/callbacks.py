@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from promptdml.engine.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from promptdml.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from promptdml.engine.distributed import broadcast_tensors_, check_replicas_equal
 from promptdml.engine.model_card import write_model_card
 from promptdml.engine.plots import plot_history

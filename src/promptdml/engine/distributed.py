@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from promptdml.engine.device import resolve_device
+from promptdml.device import resolve_device
 from promptdml.errors import DistributedError
 
 log = logging.getLogger("promptdml")

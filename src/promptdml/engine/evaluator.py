@@ -12,7 +12,7 @@ import torch
 from promptdml.config import Config
 from promptdml.data import ImageRecords, Splits, build_eval_loader, build_transforms
 from promptdml.data.loading import ImageDataset, _loader_kwargs
-from promptdml.engine.device import autocast
+from promptdml.embedding import embed_batches
 from promptdml.engine.distributed import (
     SINGLE,
     DistContext,
@@ -57,26 +57,22 @@ def embed_records(model: PromptDMLModel, records: ImageRecords, cfg: Config, dev
     else:
         loader = build_eval_loader(records, transform, cfg.eval.batch_size, cfg.data.num_workers, device.type,
                                    substitute=False)
-    was_training = model.training
-    model.eval()
-    dim = model.backbone.feature_dim if frozen_features else cfg.model.embed_dim
-    out: torch.Tensor | None = None if forward is not None else torch.empty(len(records), dim)
     mine: list[torch.Tensor] = []
     bad: dict[int, str] = {}
-    for images, labels, index, errors in progress_bar(loader, desc=desc, enabled=progress, unit="batch"):
-        images = images.to(device, non_blocking=True)
-        with autocast(device, dtype):
-            if forward is not None:
-                emb = forward(images, labels.to(device))
-            else:
-                emb = model.backbone(images) if frozen_features else model(images)
-        emb = emb.float()
-        if out is None:
-            out = torch.empty(len(records), emb.shape[1])
-        out[index] = (torch.nn.functional.normalize(emb, dim=-1) if normalize else emb).cpu()
-        mine.append(index)
-        bad.update({int(i): e for i, e in zip(index.tolist(), errors, strict=True) if e})
-    model.train(was_training)
+
+    def batches():
+        for images, labels, index, errors in progress_bar(loader, desc=desc, enabled=progress, unit="batch"):
+            yield images, index, labels
+            mine.append(index)
+            bad.update({int(i): e for i, e in zip(index.tolist(), errors, strict=True) if e})
+
+    if forward is not None:
+        run, dim = (lambda images, labels: forward(images, labels.to(device))), None
+    elif frozen_features:
+        run, dim = (lambda images, labels: model.backbone(images)), model.backbone.feature_dim
+    else:
+        run, dim = None, cfg.model.embed_dim
+    out = embed_batches(model, batches(), len(records), device, dtype, forward=run, normalize=normalize, dim=dim)
     if out is None:  # this rank had no batch (distributed): the width of a head input
         out = torch.empty(len(records), model.backbone.feature_dim)
     if dist.enabled:
@@ -188,10 +184,10 @@ def evaluate_run(run: str | Path, split: str = "test", overrides: dict[str, Any]
     Returns Recall@K, MAP@R and R-Precision, as ``promptdml evaluate`` prints them; ``report`` receives the
     images that could not be decoded (``report["unreadable"]``).
     """
+    from promptdml.checkpoint import load_model, read_checkpoint
     from promptdml.config import ConfigError, parse_override, set_key
     from promptdml.data import build_splits
-    from promptdml.engine.checkpoint import load_model, read_checkpoint
-    from promptdml.engine.device import resolve_device, resolve_precision
+    from promptdml.device import resolve_device, resolve_precision
 
     if split not in ("test", "val"):
         raise ConfigError(f"split must be 'test' or 'val', got {split!r}")

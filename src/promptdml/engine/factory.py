@@ -20,6 +20,7 @@ import torch
 
 from promptdml.config import Config, save_config
 from promptdml.data import Splits, build_splits, build_train_loader, build_transforms
+from promptdml.device import make_grad_scaler, resolve_precision, seed_everything
 from promptdml.engine.callbacks import (
     Callback,
     Checkpoints,
@@ -32,7 +33,6 @@ from promptdml.engine.callbacks import (
     StopOnSignal,
     check_resume,
 )
-from promptdml.engine.device import make_grad_scaler, resolve_precision, seed_everything
 from promptdml.engine.distributed import (
     SINGLE,
     DistContext,

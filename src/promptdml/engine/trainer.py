@@ -22,6 +22,7 @@ import torch
 
 from promptdml.config import Config, ConfigError
 from promptdml.data import Splits
+from promptdml.device import autocast, make_grad_scaler
 from promptdml.engine.callbacks import (  # noqa: F401 - re-exported
     COLLAPSE_COS,
     CONTAINER_COLLAPSE_COS,
@@ -33,7 +34,6 @@ from promptdml.engine.callbacks import (  # noqa: F401 - re-exported
     load_training_state,
     training_state,
 )
-from promptdml.engine.device import autocast, make_grad_scaler
 from promptdml.engine.distributed import all_gather_cat
 from promptdml.engine.evaluator import embed_records, evaluate
 from promptdml.engine.factory import TrainParts, absolute_paths, build_parts  # noqa: F401 - re-exported

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -19,7 +18,8 @@ from promptdml.config import Config
 from promptdml.data import build_transforms, load_rgb
 from promptdml.data.images import is_image_file
 from promptdml.data.transforms import eval_resize_size
-from promptdml.engine.device import autocast, resolve_device, resolve_precision
+from promptdml.device import resolve_device, resolve_precision
+from promptdml.embedding import embed_batches
 from promptdml.models import PromptDMLModel
 from promptdml.progress import progress_bar
 from promptdml.retrieval import RetrievalError
@@ -113,7 +113,7 @@ class Embedder:
     """A trained :class:`PromptDMLModel` with its test transform, on one device.
 
     ``embed(...)`` returns L2-normalised float32 embeddings ``[N, E]`` as a numpy array, computed exactly
-    like the evaluation (:func:`promptdml.engine.embed_records`): Resize(int(S*256/224)) + CenterCrop(S)
+    like the evaluation (the same loop, :func:`promptdml.embedding.embed_batches`): Resize(int(S*256/224)) + CenterCrop(S)
     with the backbone's mean/std/interpolation, autocast with the run's precision.
     """
 
@@ -174,12 +174,9 @@ class Embedder:
             image = image.convert("RGB")
         return self.transform(image)
 
-    @torch.no_grad()
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
-        with autocast(self.device, self.dtype):
-            emb = self.model(x)
-        return F.normalize(emb.float(), dim=-1).cpu()
+    def _embed(self, batches, size: int) -> np.ndarray:
+        """Rows of ``(images, row index, None)`` batches, through the one embedding loop (as in evaluation)."""
+        return embed_batches(self.model, batches, size, self.device, self.dtype, dim=self.dim).numpy()
 
     def embed_tensor(self, images: torch.Tensor, batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Embed preprocessed images ``[N, 3, S, S]`` (or one ``[3, S, S]``)."""
@@ -193,12 +190,15 @@ class Embedder:
         if not images.is_floating_point():
             raise RetrievalError(f"a preprocessed tensor must be floating point (normalised), got {images.dtype}")
         batch_size = _check_batch_size(batch_size)
-        out = np.empty((images.shape[0], self.dim), dtype=np.float32)
         bar = progress_bar(total=images.shape[0], desc="embed", unit="img", enabled=progress)
-        for start in range(0, images.shape[0], batch_size):
-            chunk = images[start:start + batch_size].float()
-            out[start:start + chunk.shape[0]] = self._forward(chunk).numpy()
-            bar.update(chunk.shape[0])
+
+        def batches():
+            for start in range(0, images.shape[0], batch_size):
+                chunk = images[start:start + batch_size].float()
+                yield chunk, torch.arange(start, start + chunk.shape[0]), None
+                bar.update(chunk.shape[0])
+
+        out = self._embed(batches(), images.shape[0])
         bar.close()
         return out
 
@@ -214,21 +214,23 @@ class Embedder:
         loader = DataLoader(_FileDataset(paths, self.transform), batch_size=batch_size, shuffle=False,
                             num_workers=max(0, int(num_workers)), collate_fn=_collate,
                             pin_memory=self.device.type == "cuda")
-        rows: list[np.ndarray] = []
         kept: list[str] = []
         errors: list[tuple[str, str]] = []
         bar = progress_bar(total=len(paths), desc="embed", unit="img", enabled=progress)
-        for items in loader:
-            good = [(i, x) for i, x, _ in items if x is not None]
-            errors += [(paths[i], err) for i, x, err in items if x is None]
-            if good:
-                rows.append(self._forward(torch.stack([x for _, x in good])).numpy())
-                kept += [paths[i] for i, _ in good]
-            bar.update(len(items))
-            if errors:
-                bar.set_postfix(unreadable=len(errors), refresh=False)
+
+        def batches():  # the readable images of each batch, as the next rows
+            for items in loader:
+                good = [(i, x) for i, x, _ in items if x is not None]
+                errors.extend((paths[i], err) for i, x, err in items if x is None)
+                if good:
+                    yield torch.stack([x for _, x in good]), torch.arange(len(kept), len(kept) + len(good)), None
+                    kept.extend(paths[i] for i, _ in good)
+                bar.update(len(items))
+                if errors:
+                    bar.set_postfix(unreadable=len(errors), refresh=False)
+
+        emb = self._embed(batches(), len(paths))[:len(kept)]
         bar.close()
-        emb = np.concatenate(rows) if rows else np.empty((0, self.dim), dtype=np.float32)
         return EmbedResult(np.ascontiguousarray(emb, dtype=np.float32), kept, errors)
 
     def embed(self, images: torch.Tensor | ImageInput | Sequence[ImageInput], batch_size: int = 64,
@@ -252,25 +254,29 @@ class Embedder:
             _raise_on_errors(result.errors)
             return result.embeddings
         batch_size = _check_batch_size(batch_size)
-        out = np.empty((len(items), self.dim), dtype=np.float32)
         errors: list[tuple[str, str]] = []
         bar = progress_bar(total=len(items), desc="embed", unit="img", enabled=progress)
-        for start in range(0, len(items), batch_size):
-            batch = []
-            for x in items[start:start + batch_size]:
-                if not isinstance(x, (Image.Image, str, os.PathLike)):
-                    raise RetrievalError(f"cannot embed an object of type {type(x).__name__}: pass PIL images, "
-                                         "file paths, a folder or a tensor [N, 3, S, S]")
-                if not isinstance(x, Image.Image) and Path(x).is_dir():
-                    raise RetrievalError(f"'{x}' is a folder: pass folders on their own, not mixed with PIL images")
-                try:
-                    batch.append(self.preprocess(x))
-                except Exception as e:  # noqa: BLE001
-                    errors.append((str(x), f"{type(e).__name__}: {e}"))
-                    batch.append(torch.zeros(3, self.img_size, self.img_size))
-            if not errors:
-                out[start:start + len(batch)] = self._forward(torch.stack(batch)).numpy()
-            bar.update(len(batch))
+
+        def batches():  # after the first unreadable image only the checks go on (the call raises)
+            for start in range(0, len(items), batch_size):
+                batch = []
+                for x in items[start:start + batch_size]:
+                    if not isinstance(x, (Image.Image, str, os.PathLike)):
+                        raise RetrievalError(f"cannot embed an object of type {type(x).__name__}: pass PIL images, "
+                                             "file paths, a folder or a tensor [N, 3, S, S]")
+                    if not isinstance(x, Image.Image) and Path(x).is_dir():
+                        raise RetrievalError(f"'{x}' is a folder: pass folders on their own, not mixed with PIL "
+                                             "images")
+                    try:
+                        batch.append(self.preprocess(x))
+                    except Exception as e:  # noqa: BLE001
+                        errors.append((str(x), f"{type(e).__name__}: {e}"))
+                        batch.append(torch.zeros(3, self.img_size, self.img_size))
+                if not errors:
+                    yield torch.stack(batch), torch.arange(start, start + len(batch)), None
+                bar.update(len(batch))
+
+        out = self._embed(batches(), len(items))
         bar.close()
         _raise_on_errors(errors)
         return out
@@ -300,8 +306,8 @@ def load(run_dir_or_checkpoint: str | os.PathLike, device: str | torch.device = 
     ``train.precision``, which reproduces its evaluation. ``weights``: backbone weights file to use instead
     of the one recorded in the run (e.g. when the run was trained on another machine).
     """
+    from promptdml.checkpoint import load_model, read_checkpoint
     from promptdml.config import set_key
-    from promptdml.engine.checkpoint import load_model, read_checkpoint
 
     dev = device if isinstance(device, torch.device) else resolve_device(str(device))
     cfg = None
