@@ -22,7 +22,7 @@ from promptdml.engine import embed_records, save_checkpoint
 from promptdml.models import create_model
 from promptdml.retrieval import RetrievalError
 from promptdml.retrieval.commands import register
-from promptdml.retrieval.index import build_index, exact_search, load_index, recall_at_k
+from promptdml.retrieval.index import build_index, exact_search, load_index, neighbor_recall_at_k
 from promptdml.retrieval.store import load_embeddings, save_embeddings
 
 
@@ -198,12 +198,12 @@ def test_approximate_index_reaches_reported_recall(tmp_path, kind, opts):
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     _, approx = loaded.search(xn, 10)
     _, exact = exact_search(xn, loaded.embeddings, 10)
-    assert recall_at_k(approx, exact, 10) >= reported - 0.02
+    assert neighbor_recall_at_k(approx, exact, 10) >= reported - 0.02
     # and on fresh queries from the same distribution
     fresh = clustered(300, seed=1)
     _, approx = loaded.search(fresh, 10)
     _, exact = exact_search(fresh / np.linalg.norm(fresh, axis=1, keepdims=True), loaded.embeddings, 10)
-    assert recall_at_k(approx, exact, 10) >= reported - 0.05
+    assert neighbor_recall_at_k(approx, exact, 10) >= reported - 0.05
 
 
 def test_approximate_index_without_faiss(monkeypatch):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .knn import _faiss, _iter_chunks, _resolve_backend, as_labels, prepare_embeddings, resolve_device
+from .knn import _faiss, _iter_chunks, _resolve_backend, as_labels, compute_device, prepare_embeddings
 
 __all__ = ["cluster_metrics", "contingency", "f1_pair_counting", "kmeans", "nmi"]
 
@@ -149,7 +149,7 @@ def kmeans(
     the point farthest from its centroid. ``"faiss"``: ``faiss.Kmeans`` with the same seed/niter.
     ``"auto"``: torch. Deterministic for a fixed seed and device.
     """
-    dev = resolve_device(device, x)
+    dev = compute_device(device, x)
     xt = prepare_embeddings(x, dev, normalize=False)
     n = xt.shape[0]
     k = int(k)
@@ -194,7 +194,7 @@ def cluster_metrics(
     normalize: bool = True,
 ) -> dict[str, float]:
     """k-means with k = number of classes on (L2-normalised) embeddings, then NMI and/or F1."""
-    dev = resolve_device(device, embeddings)
+    dev = compute_device(device, embeddings)
     x = prepare_embeddings(embeddings, dev, normalize=normalize)
     y = as_labels(labels, dev)
     out: dict[str, float] = {}

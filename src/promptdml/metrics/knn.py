@@ -40,7 +40,7 @@ __all__ = [
     "faiss_available",
     "knn_search",
     "prepare_embeddings",
-    "resolve_device",
+    "compute_device",
 ]
 
 DEFAULT_CHUNK_BYTES = 512 * 2**20
@@ -61,7 +61,7 @@ def faiss_available() -> bool:
     return _faiss() is not None
 
 
-def resolve_device(device, *tensors) -> torch.device:
+def compute_device(device, *tensors) -> torch.device:
     """``device`` if given, else the device of the first torch tensor among ``tensors``, else CPU."""
     if device is not None:
         return torch.device(device)
@@ -86,7 +86,7 @@ def prepare_embeddings(x, device=None, normalize: bool = True) -> torch.Tensor:
         t.is_floating_point() or t.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
     ):
         raise TypeError(f"unsupported embedding dtype {t.dtype}")
-    dev = resolve_device(device, t)
+    dev = compute_device(device, t)
     # MPS has no float64: normalise on the source device there, move afterwards
     t = t.to(device=t.device if dev.type == "mps" else dev)
     t = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
@@ -109,7 +109,7 @@ def as_labels(y, device=None) -> torch.Tensor:
             raise ValueError("labels must be integers")
     elif t.dtype == torch.bool or t.is_complex():
         raise TypeError(f"unsupported label dtype {t.dtype}")
-    return t.to(device=resolve_device(device, t), dtype=torch.int64)
+    return t.to(device=compute_device(device, t), dtype=torch.int64)
 
 
 def default_chunk_size(n_reference: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
@@ -302,7 +302,7 @@ def knn_search(
         ``(sims, indices)``: fp32 ``[Q, k]`` similarities and int64 ``[Q, k]`` reference indices,
         sorted by descending similarity, exact ties by ascending index (see module docstring).
     """
-    dev = resolve_device(device, query)
+    dev = compute_device(device, query)
     q = prepare_embeddings(query, dev, normalize)
     if reference is None:
         ref = q

@@ -48,10 +48,10 @@ from .knn import (
     _resolve_backend,
     _sort_by_sim_then_index,
     as_labels,
+    compute_device,
     default_chunk_size,
     iter_knn,
     prepare_embeddings,
-    resolve_device,
     row_batches,
     similarity_block,
 )
@@ -454,7 +454,7 @@ def retrieval_metrics(
         ``{"recall@K": ..., "map@r": ..., "r_precision": ..., "nmi": ..., "f1": ...}`` as python
         floats (NaN when no query has a relevant item).
     """
-    dev = resolve_device(device, embeddings, query_embeddings)
+    dev = compute_device(device, embeddings, query_embeddings)
     ref = prepare_embeddings(embeddings, dev)
     ref_y = as_labels(labels, dev)
     if ref.shape[0] != ref_y.shape[0]:

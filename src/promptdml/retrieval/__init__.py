@@ -32,7 +32,7 @@ _LAZY = {
     "build_index": "promptdml.retrieval.index",
     "load_index": "promptdml.retrieval.index",
     "exact_search": "promptdml.retrieval.index",
-    "recall_at_k": "promptdml.retrieval.index",
+    "neighbor_recall_at_k": "promptdml.retrieval.index",
     "export_onnx": "promptdml.retrieval.export",
 }
 

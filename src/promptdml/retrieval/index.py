@@ -32,7 +32,7 @@ from promptdml.retrieval import RetrievalError
 INDEX_FORMAT = "promptdml-index/1"
 KINDS = ("exact", "ivf", "hnsw")
 
-__all__ = ["INDEX_FORMAT", "KINDS", "Index", "build_index", "load_index", "exact_search", "recall_at_k",
+__all__ = ["INDEX_FORMAT", "KINDS", "Index", "build_index", "load_index", "exact_search", "neighbor_recall_at_k",
            "normalize"]
 
 
@@ -83,7 +83,7 @@ def exact_search(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.n
     return scores, ids
 
 
-def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int = 10) -> float:
+def neighbor_recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int = 10) -> float:
     """Mean fraction of the exact top-``k`` neighbours that the approximate top-``k`` contains."""
     k = min(k, exact_ids.shape[1])
     hits = [len(set(a[:k].tolist()) & set(e[:k].tolist())) for a, e in zip(approx_ids, exact_ids, strict=True)]
@@ -283,7 +283,7 @@ def build_index(embeddings: np.ndarray, paths: Sequence[str] | None = None, kind
         k = min(10, n)
         _, approx = built.search(x[sample], k)
         _, exact = exact_search(x[sample], x, k)
-        built.info["recall@10"] = recall_at_k(approx, exact, k)
+        built.info["recall@10"] = neighbor_recall_at_k(approx, exact, k)
         built.info["recall_queries"] = int(len(sample))
         built.info["recall_seed"] = int(seed)
     bar.update(bar.total - bar.n)
