@@ -31,8 +31,13 @@ def ensure_dir(path: str | os.PathLike, what: str = "folder") -> Path:
     return path
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], fsync: bool = True) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], fsync: bool = True,
+                 tmp_name: str | None = None) -> Path:
     """Call ``write(tmp)`` to fill a temporary file next to ``path``, then rename it onto ``path``.
+
+    ``tmp_name`` names the temporary file (in the same folder; default ``<name>.tmp``): a suffix a writer
+    needs (``.onnx``), a hidden name a folder scan must skip, or a name unique per process for concurrent
+    writers of one file.
 
     A crash or a failed write never leaves a partial ``path`` (the previous version stays); a failure raises
     :class:`WriteError` naming the file and the reason, and removes the temporary file.
@@ -41,7 +46,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], fsync: 
     ensure_dir(path.parent)
     if path.is_dir():
         raise WriteError(f"cannot write '{path}': it is a folder. Choose a file name.")
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(tmp_name or path.name + ".tmp")
     try:
         write(tmp)
         if fsync:

@@ -45,7 +45,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as F2
 
-from promptdml.files import atomic_write_text, ensure_dir
+from promptdml.files import atomic_write, atomic_write_text, ensure_dir
 
 from .images import load_rgb
 
@@ -161,12 +161,14 @@ class ImageCache:
 
     def _build(self, paths: Sequence[str], workers: int) -> None:
         ensure_dir(self.folder, "image cache folder")
-        tmp = self.data_path.with_name(f"{self.data_path.name}.tmp-{os.getpid()}-{id(self)}")
         log.info("building the image cache %s (%d images, %d px, %.0f MiB)", self.data_path, self.n, self.side,
                  self.nbytes / 2**20)
         sizes = np.zeros((self.n, 2), dtype=np.int64)
         ok = np.zeros(self.n, dtype=bool)
-        try:
+        crc = 0
+
+        def write(tmp: Path) -> None:
+            nonlocal crc
             if self.n == 0:
                 tmp.write_bytes(b"")
             else:
@@ -179,13 +181,10 @@ class ImageCache:
                             sizes[i] = hw
                 mm.flush()
                 del mm
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
             crc = _crc_file(tmp)
-            os.replace(tmp, self.data_path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+
+        # a name unique per builder: two processes building the same cache never write one temporary file
+        atomic_write(self.data_path, write, tmp_name=f"{self.data_path.name}.tmp-{os.getpid()}-{id(self)}")
         meta = {"version": CACHE_VERSION, "key": self.key, "n": self.n, "side": self.side,
                 "interpolation": self.interpolation.value, "crc32": crc, "ok": ok.tolist(),
                 "sizes": sizes.tolist()}

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from promptdml.files import atomic_write, atomic_write_text
+
 __all__ = [
     "LAYOUTS",
     "MANIFEST_NAME",
@@ -362,11 +364,8 @@ def generate_demo_dataset(root: str | Path, num_classes: int = 64, images_per_cl
                 stale.unlink()
         for j in range(images_per_class):
             img = render_class_image(c, j, image_size, seed)
-            tmp = d / f".{j:03d}.png.tmp"
-            img.save(tmp, format="PNG")
-            tmp.replace(d / f"{j:03d}.png")
+            atomic_write(d / f"{j:03d}.png", lambda t, img=img: img.save(t, format="PNG"), fsync=False,
+                         tmp_name=f".{j:03d}.png.tmp")
 
-    tmp = root / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(expected, indent=1))
-    tmp.replace(root / MANIFEST_NAME)
+    atomic_write_text(root / MANIFEST_NAME, json.dumps(expected, indent=1))
     return root

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from promptdml.extras import require
+from promptdml.files import atomic_write
 from promptdml.progress import progress_bar
 from promptdml.retrieval import RetrievalError
 from promptdml.retrieval.embedder import Embedder
@@ -105,7 +106,6 @@ def export_onnx(embedder: Embedder, out: str | os.PathLike, opset: int | None = 
     if out.suffix.lower() != ".onnx":
         raise RetrievalError(f"the ONNX output file must end with .onnx, got '{out}'")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.onnx")
     model = embedder.model
     original_device = next(model.parameters()).device
     model.cpu().eval()
@@ -113,7 +113,10 @@ def export_onnx(embedder: Embedder, out: str | os.PathLike, opset: int | None = 
     s = embedder.img_size
     gen = torch.Generator().manual_seed(0)
     bar = progress_bar(total=2 + bool(check), desc="export onnx", unit="stage", enabled=progress)
-    try:
+    exporter, diff, opset_used = "", None, None
+
+    def write(tmp: Path) -> None:
+        nonlocal exporter, diff, opset_used
         bar.set_postfix_str("tracing and exporting")
         try:
             exporter = _export(graph, torch.randn(2, 3, s, s, generator=gen), tmp, opset)
@@ -135,7 +138,6 @@ def export_onnx(embedder: Embedder, out: str | os.PathLike, opset: int | None = 
             entry.key, entry.value = key, value
         onnx.save(proto, str(tmp))
         bar.update(1)
-        diff = None
         if check:
             bar.set_postfix_str("parity check (onnxruntime)")
             x = torch.randn(check_batch, 3, s, s, generator=gen)
@@ -151,9 +153,10 @@ def export_onnx(embedder: Embedder, out: str | os.PathLike, opset: int | None = 
             if not diff <= atol:
                 raise RetrievalError(f"ONNX export failed the parity check: max abs diff {diff:.3e} > {atol:g}; "
                                      f"nothing was written to '{out}'")
-        os.replace(tmp, out)
+
+    try:  # the exporters need a file name ending in .onnx
+        atomic_write(out, write, fsync=False, tmp_name=out.stem + ".tmp.onnx")
     finally:
         bar.close()
-        tmp.unlink(missing_ok=True)
         model.to(original_device)
     return ExportResult(out, exporter, diff, opset_used)
