@@ -197,6 +197,8 @@ class Trainer:
         model = create_model(cfg.model, train.num_classes)
         self.fingerprint = {"data": data_fingerprint(self.splits), "backbone": backbone_fingerprint(cfg)}
         self.model = model.to(self.device)
+        if cfg.train.compile:  # training calls of the backbone blocks; falls back to eager with one warning
+            self.model.backbone.enable_compile()
         if not resume:
             self._init_from_data()
         self.loss_fn = build_loss(cfg.loss)
