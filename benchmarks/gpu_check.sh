@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# GPU checks for a lent CUDA machine (under 5 minutes): CUDA AMP (fp16 + grad scaling) training steps of the
-# cub200_small and cub200_basic settings at 224 px on random data (s/step, images/s, peak GPU memory,
-# step/floor ratio), then evaluation throughput. Writes BENCHMARKS.md sections gpu_train_small / gpu_train_basic
-# / gpu_eval. Usage: bash benchmarks/gpu_check.sh   (after pip install -e .)
+# GPU checks for a lent CUDA machine (under 5 minutes): CUDA AMP (fp16 + grad scaling) training steps at the
+# cub200_small (224 px, batch 16) and recommended (84 px, batch 64) settings on random data: the two-pass floor,
+# the eager, compiled, fused and fused+compiled steps (s/step, ratio to the floor, compile seconds, weights vs
+# the eager step, peak GPU memory), then evaluation throughput. Writes BENCHMARKS.md sections gpu_train_speed /
+# gpu_eval. Usage: bash benchmarks/gpu_check.sh   (after pip install -e .)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total --format=csv || true
-python benchmarks/train_speed.py --device cuda --precision fp16 --config cub200_small --batch-size 64 \
-  --steps 10 --warmup 3 --section gpu_train_small
-python benchmarks/train_speed.py --device cuda --precision fp16 --config cub200_basic --batch-size 64 \
-  --steps 10 --warmup 3 --section gpu_train_basic
+# floor / eager / compiled / fused / fused+compiled steps at both train_speed settings (3 equality steps, which
+# include compilation, then 5 timed steps each), fp16 autocast as the configs use on CUDA
+python benchmarks/train_speed.py --device cuda --precision auto --settings small,recommended \
+  --steps 5 --warmup 2 --section gpu_train_speed
 python - <<'PY'
 import sys, time, torch
 sys.path.insert(0, "benchmarks")

@@ -61,6 +61,11 @@ class BackboneConfig:
     pool: str = "cls"
     """cls | avg | cls+avg: which tokens of the final norm feed the heads."""
     grad_checkpointing: bool = False
+    fused_branches: bool = False
+    """Training: run the embedding pass (shared prompts) and the proxy pass (class prompts) as one backbone
+    call, both branches' tokens through each block's LayerNorm / qkv / projection / MLP together and attention
+    per branch (docs/performance.md). Equal to two separate passes up to float rounding; off by default until
+    its speed-up is measured on a quiet machine (false = two passes, the stored results' path)."""
     depth: int = 0
     """Override the number of blocks (0 = the architecture's own; for tiny test models)."""
 
@@ -239,6 +244,10 @@ class TrainConfig:
     without it the run warns once and goes on)."""
     log_steps: bool = False
     """Also write steps.csv: one row per optimisation step (epoch, step, loss, lr, lr_proxy)."""
+    compile: bool = False
+    """torch.compile (inductor) the prompted backbone's blocks for training steps (docs/performance.md): one-off
+    compile time at the first steps, then faster steps; evaluation stays eager. Where the compiler is not
+    available (e.g. no C++ toolchain) one warning and training continues eager."""
 
 
 @dataclass

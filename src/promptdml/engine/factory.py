@@ -158,6 +158,8 @@ def build_parts(cfg: Config, splits: Splits | None = None, run_dir: Path | None 
     model = create_model(cfg.model, train.num_classes)
     fingerprint = {"data": data_fingerprint(splits), "backbone": backbone_fingerprint(cfg)}
     model = model.to(device)
+    if cfg.train.compile:  # training calls of the backbone blocks; falls back to eager with one warning
+        model.backbone.enable_compile()
     if not resume:
         init_from_data(model, splits, cfg, device, dtype, dist, echo)
     loss_fn = build_loss(cfg.loss)

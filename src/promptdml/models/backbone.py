@@ -16,6 +16,7 @@ import os
 import pickle
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,9 @@ from urllib.parse import urlparse
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers.attention import Attention as _TimmAttention
+from timm.models.vision_transformer import Block as _TimmBlock
 from torch.utils.checkpoint import checkpoint
 
 from promptdml.config import BackboneConfig
@@ -38,9 +42,42 @@ HUB_PROBE_TIMEOUT_S = 3.0
 """Seconds to wait for a TCP connection to the model hub before calling it unreachable."""
 WEIGHTS_DOCS = "docs/getting-started.md#pretrained-weights-offline"
 
-log = logging.getLogger("promptdml")
 
 
+def _compiler_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions by which torch.compile reports that it could not compile (not errors of the model)."""
+    errors: list[type[BaseException]] = []
+    try:
+        from torch._dynamo.exc import BackendCompilerFailed
+
+        errors.append(BackendCompilerFailed)
+    except ImportError:
+        pass
+    try:
+        from torch._inductor.exc import CppCompileError, InvalidCxxCompiler
+
+        errors += [CppCompileError, InvalidCxxCompiler]
+    except ImportError:
+        pass
+    return tuple(errors) or (RuntimeError,)
+
+
+_COMPILER_ERRORS = _compiler_errors()
+
+
+def _hooked(module: nn.Module, fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` with ``module``'s own forward pre-hooks and forward hooks applied around it, as
+    ``module(x)`` would (for a module whose forward :class:`PromptedViT` re-implements)."""
+    for hook in module._forward_pre_hooks.values():
+        result = hook(module, (x,))
+        if result is not None:
+            x = result[0] if isinstance(result, tuple) else result
+    out = fn(x)
+    for hook in module._forward_hooks.values():
+        result = hook(module, (x,), out)
+        if result is not None:
+            out = result
+    return out
 
 
 def _architecture(name: str) -> str:
@@ -375,6 +412,8 @@ class PromptedViT(nn.Module):
     ``forward(images, prompts)``: ``prompts[i]`` is ``None`` or a tensor ``[n_i, D]`` / ``[B, n_i, D]``
     inserted right after the prefix tokens (CLS, registers, distillation token) before block ``i`` and
     removed after it. Returns the pooled feature ``[B, D]`` after the final norm.
+    ``forward_branches(images, [prompts_a, prompts_b, ...])`` gives the same as one ``forward`` per prompt
+    set, computed in one pass (see there). :meth:`enable_compile` compiles the per-block computation.
     """
 
     def __init__(self, vit: nn.Module, pool: str = "cls", grad_checkpointing: bool = False) -> None:
@@ -385,6 +424,10 @@ class PromptedViT(nn.Module):
         self.num_prefix_tokens: int = int(vit.num_prefix_tokens)
         self.embed_dim: int = int(vit.embed_dim)
         self.depth: int = len(vit.blocks)
+        self._compiled: dict[str, Any] | None = None
+        self.compile_seconds: float = 0.0
+        """Seconds spent in calls that compiled a (forward) graph: compilation plus one run. The backward
+        graphs are compiled during the first backward pass."""
 
     @property
     def feature_dim(self) -> int:
@@ -397,27 +440,119 @@ class PromptedViT(nn.Module):
         x = vit.patch_drop(x)
         return vit.norm_pre(x)
 
-    def _block(self, i: int, x: torch.Tensor, prompt: torch.Tensor | None) -> torch.Tensor:
-        block = self.vit.blocks[i]
-        if prompt is None or prompt.shape[-2] == 0:
-            return block(x)
-        n, npt = prompt.shape[-2], self.num_prefix_tokens
-        if prompt.dim() == 2:
-            prompt = prompt.unsqueeze(0).expand(x.shape[0], -1, -1)
-        x = torch.cat([x[:, :npt], prompt.to(x.dtype), x[:, npt:]], dim=1)
-        x = block(x)
-        return torch.cat([x[:, :npt], x[:, npt + n:]], dim=1)
+    # ---------------------------------------------------------------------------------------------
+    # torch.compile (train.compile)
+    def enable_compile(self) -> bool:
+        """Compile the per-block computation of :meth:`forward` and :meth:`forward_branches` with
+        ``torch.compile`` (inductor, on whatever device the model is on), for calls with gradients enabled,
+        i.e. training; evaluation (``torch.no_grad``) stays eager, so its varying batch sizes cause no
+        recompilation. One graph serves all blocks of the same shape (the blocks are arguments, not
+        constants), so compile time does not grow with depth. Returns False, with one warning line, when
+        ``torch.compile`` is not available; a compiler failure at the first call (e.g. no C++ toolchain)
+        likewise warns once and the model runs eager from then on."""
+        try:
+            self._compiled = {"plain": torch.compile(_plain_block, dynamic=False),
+                              "fused": torch.compile(_fused_block, dynamic=False)}
+        except Exception as e:  # noqa: BLE001 - e.g. a Python version torch.compile does not support
+            self._compile_failed(e)
+            return False
+        return True
 
+    @property
+    def compiled(self) -> bool:
+        """Whether training calls run compiled (False before :meth:`enable_compile` or after a fallback)."""
+        return self._compiled is not None
+
+    def _run_block(self, kind: str, *args: Any) -> torch.Tensor:
+        eager = _plain_block if kind == "plain" else _fused_block
+        if self._compiled is None or not torch.is_grad_enabled():
+            return eager(*args)
+        from torch._dynamo.utils import counters
+
+        graphs = counters["stats"]["unique_graphs"]
+        t0 = time.perf_counter()
+        try:
+            out = self._compiled[kind](*args)
+        except _COMPILER_ERRORS as e:
+            self._compile_failed(e)
+            return eager(*args)
+        if counters["stats"]["unique_graphs"] != graphs:
+            self.compile_seconds += time.perf_counter() - t0
+        return out
+
+    def _compile_failed(self, e: BaseException) -> None:
+        self._compiled = None
+        text = str(e).strip()
+        first = text.splitlines()[0][:200] if text else ""
+        log.warning("train.compile: torch.compile is not available here (%s: %s); training continues eager",
+                    type(e).__name__, first)
+
+    def _block_call(self, kind: str, *args: Any) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._run_block, kind, *args, use_reentrant=False)
+        return self._run_block(kind, *args)
+
+    # ---------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, prompts: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
         x = self.tokens(images)
         for i in range(self.depth):
             p = prompts[i] if i < len(prompts) else None
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(self._block, i, x, p, use_reentrant=False)
-            else:
-                x = self._block(i, x, p)
+            x = self._block_call("plain", self.vit.blocks[i], self.num_prefix_tokens, x, p)
         x = self.vit.norm(x)
         return self.pool_tokens(x)
+
+    # ---------------------------------------------------------------------------------------------
+    # Several prompt sets over the same images in one backbone call (the training step's two branches).
+    def fusable(self) -> str | None:
+        """None when :meth:`forward_branches` can run the blocks fused, else why not (it then runs one
+        pass per prompt set, like :meth:`forward`)."""
+        for i, block in enumerate(self.vit.blocks):
+            if type(block) is not _TimmBlock:
+                return f"block {i} is a {type(block).__name__}, not a timm vision_transformer.Block"
+            if type(block.attn) is not _TimmAttention:
+                return f"block {i}'s attention is a {type(block.attn).__name__}, not timm's Attention"
+            for module in (block, block.attn):
+                if module._forward_hooks_with_kwargs or module._forward_pre_hooks_with_kwargs:
+                    return f"block {i} has forward hooks with keyword arguments"
+        return None
+
+    def forward_branches(self, images: torch.Tensor,
+                         prompt_sets: Sequence[Sequence[torch.Tensor | None]]) -> list[torch.Tensor]:
+        """``[forward(images, p) for p in prompt_sets]`` computed together, equal up to float rounding
+        (gradients included), with less work:
+
+        - the patch embedding is computed once for all branches (they see the same images);
+        - in each block the tokens of all branches lie side by side (sample b's sequence is its branch-0
+          tokens followed by its branch-1 tokens ...), so the LayerNorms, qkv, projection and MLP run once on
+          all tokens (one GEMM each instead of one per branch); attention is computed per branch;
+        - a block's prompt tokens go only through ``norm1`` and ``qkv``: their keys and values are all the
+          other tokens use of them, and :meth:`forward` drops their outputs after the block anyway (VPT-deep);
+          shared prompts ``[n, D]`` are normalised and projected once, not once per image;
+        - with ``pool='cls'`` the last block computes projection and MLP for the class token only (the
+          other tokens' outputs are not used).
+
+        Hooks on the blocks' submodules (LoRA on qkv) and on the blocks and attentions themselves (parallel
+        adapters) are applied as in :meth:`forward`. Falls back to separate passes when :meth:`fusable`
+        says no."""
+        if not prompt_sets:
+            return []
+        if self.fusable() is not None:
+            return [self(images, p) for p in prompt_sets]
+        t = self.tokens(images)
+        lengths = [t.shape[1]] * len(prompt_sets)
+        x = torch.cat([t] * len(prompt_sets), dim=1) if len(prompt_sets) > 1 else t
+        for i in range(self.depth):
+            prompts = [p[i] if i < len(p) and p[i] is not None and p[i].shape[-2] > 0 else None
+                       for p in prompt_sets]
+            cls_only = i == self.depth - 1 and self.pool == "cls"
+            x = self._block_call("fused", self.vit.blocks[i], x, lengths, prompts, cls_only)
+            if cls_only:
+                lengths = [1] * len(lengths)
+        out, start = [], 0
+        for n in lengths:
+            out.append(self.pool_tokens(self.vit.norm(x[:, start:start + n])))
+            start += n
+        return out
 
     def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
         cls = x[:, 0]
@@ -430,3 +565,64 @@ class PromptedViT(nn.Module):
         """The frozen backbone always stays in eval mode (no dropout / drop-path)."""
         super().train(False)
         return self
+
+
+def _plain_block(block: nn.Module, npt: int, x: torch.Tensor, prompt: torch.Tensor | None) -> torch.Tensor:
+    """One block of :meth:`PromptedViT.forward`: ``prompt`` inserted after the ``npt`` prefix tokens,
+    removed after the block."""
+    if prompt is None or prompt.shape[-2] == 0:
+        return block(x)
+    n = prompt.shape[-2]
+    if prompt.dim() == 2:
+        prompt = prompt.unsqueeze(0).expand(x.shape[0], -1, -1)
+    x = torch.cat([x[:, :npt], prompt.to(x.dtype), x[:, npt:]], dim=1)
+    x = block(x)
+    return torch.cat([x[:, :npt], x[:, npt + n:]], dim=1)
+
+
+def _fused_block(block: nn.Module, x: torch.Tensor, lengths: list[int], prompts: list[torch.Tensor | None],
+                 cls_only: bool) -> torch.Tensor:
+    """timm ``Block.forward`` on side-by-side branches ``x`` ``[B, sum(lengths), D]`` (prompts not
+    included), each branch's ``prompts`` entering as extra keys/values of its attention; ``cls_only``:
+    only each branch's first token is returned, ``[B, len(lengths), D]``."""
+    attn = block.attn
+    starts = [sum(lengths[:j]) for j in range(len(lengths))]
+
+    def attention(h: torch.Tensor) -> torch.Tensor:
+        B, N, _ = h.shape
+        H, hd = attn.num_heads, attn.head_dim
+        gate = attn.gate(h).sigmoid() if getattr(attn, "gate", None) is not None else None
+        q, k, v = attn.qkv(h).reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        outs = []
+        # split (not slicing): its backward is one concatenation, not a zero-filled tensor per branch
+        splits = [t.split(lengths, dim=2) if len(lengths) > 1 else (t,) for t in (q, k, v)]
+        for qs, ks, vs, p in zip(*splits, prompts, strict=True):
+            if cls_only:
+                qs = qs[:, :, :1]
+            if p is not None:
+                hp = block.norm1(p)
+                _, kp, vp = attn.qkv(hp).reshape(*hp.shape[:-1], 3, H, hd).movedim(-4, -2).unbind(-4)
+                kp = attn.k_norm(kp)
+                if p.dim() == 2:  # shared prompts: the same keys and values for every image
+                    kp, vp = kp.expand(B, -1, -1, -1), vp.expand(B, -1, -1, -1)
+                ks, vs = torch.cat([ks, kp.to(ks.dtype)], dim=2), torch.cat([vs, vp.to(vs.dtype)], dim=2)
+            if attn.fused_attn:
+                o = F.scaled_dot_product_attention(qs, ks, vs)
+            else:
+                o = ((qs * attn.scale) @ ks.transpose(-2, -1)).softmax(dim=-1) @ vs
+            outs.append(o.transpose(1, 2))
+        o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+        o = attn.norm(o.reshape(B, o.shape[1], attn.attn_dim))
+        if gate is not None:
+            o = o * (gate[:, starts] if cls_only else gate)
+        return attn.proj_drop(attn.proj(o))
+
+    def body(x: torch.Tensor) -> torch.Tensor:
+        a = _hooked(attn, attention, block.norm1(x))
+        if cls_only:
+            x = x[:, starts]
+        x = x + block.drop_path1(block.ls1(a))
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+    return _hooked(block, body, x)

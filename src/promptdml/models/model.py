@@ -88,7 +88,13 @@ class PromptDMLModel(nn.Module):
         (``engine/distributed.py``): the container rows are updated from this rank's images only, then all
         ranks' classes and new rows are gathered and the proxies are built for the global batch, identically
         on every rank. The returned embeddings stay local (the trainer gathers them)."""
-        emb = self(images)
+        fused = self.semantic and self.cfg.backbone.fused_branches  # one backbone call for both branches
+        if fused:
+            features, proxy_features = self.backbone.forward_branches(
+                images, [self.shared_prompts(), self.class_prompts(labels)])
+            emb = self.embed_head(features)
+        else:
+            emb = self(images)
         k = samples_per_class
         if not self.semantic:
             return TrainOutput(emb, self.proxies((labels if gather is None else gather(labels)).unique(), None))
@@ -99,7 +105,8 @@ class PromptDMLModel(nn.Module):
         if not bool((grouped == classes[:, None]).all()) or classes.unique().numel() != classes.numel():
             raise ValueError("the semantic proxy branch needs class-balanced batches: batch_size/k distinct "
                              "classes with k contiguous images each (use ClassBalancedBatchSampler)")
-        q = self.proxy_features(images, labels).view(classes.numel(), k, -1)
+        q = (self.proxy_head(proxy_features) if fused else self.proxy_features(images, labels))
+        q = q.view(classes.numel(), k, -1)
         if gather is None:
             return TrainOutput(emb, self.proxies(classes, q))
         h = self.proxies.update_rows(q, classes)
