@@ -7,7 +7,7 @@
 
 Every key comes from ``promptdml.config.describe_keys()`` (name, type, default, help text = the field's
 docstring); section descriptions are the dataclasses' docstrings; the authors'-format key table comes from
-``promptdml.config.AUTHORS_KEYS`` and the command-line flags from ``promptdml.cli.FLAGS``. The output
+``promptdml.authors_format.AUTHORS_KEYS`` and the command-line flags from ``promptdml.cli.FLAGS``. The output
 depends on nothing else (no dates, no paths), so it is byte-for-byte reproducible.
 """
 
@@ -25,6 +25,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))  # document this tree's code, even if another copy is installed
 
+from promptdml import authors_format as A  # noqa: E402
 from promptdml import config as C  # noqa: E402
 
 DEFAULT_OUT = REPO / "docs" / "configuration.md"
@@ -171,12 +172,12 @@ def _authors_table() -> list[str]:
     lines = ["## The authors' key names", "",
              "A flat YAML file with these keys (the original project's format) is translated key by key.",
              "", "| authors' key | key here |", "|---|---|"]
-    for k in sorted(C.AUTHORS_KEYS):
-        lines.append(f"| `{k}` | `{C.AUTHORS_KEYS[k]}` |")
+    for k in sorted(A.AUTHORS_KEYS):
+        lines.append(f"| `{k}` | `{A.AUTHORS_KEYS[k]}` |")
     lines += ["", "Accepted and ignored (fixed by the method or replaced by other options): "
-              + ", ".join(f"`{k}`" for k in sorted(C.AUTHORS_IGNORED)) + ".", ""]
+              + ", ".join(f"`{k}`" for k in sorted(A.AUTHORS_IGNORED)) + ".", ""]
     lines += ["Backbone names of the authors' files are translated too: "
-              + ", ".join(f"`{k}` -> `{v}`" for k, v in sorted(C.AUTHORS_BACKBONES.items()))
+              + ", ".join(f"`{k}` -> `{v}`" for k, v in sorted(A.AUTHORS_BACKBONES.items()))
               + ". `mix_precision: true` means `train.precision: auto` (false: `fp32`). See "
               "[original-cli.md](original-cli.md) for the original command line.", ""]
     return lines

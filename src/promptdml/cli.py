@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from promptdml import __version__
-from promptdml.config import Config, ConfigError, load_config, parse_override, resolve_config
+from promptdml.config import Config, ConfigError, choices_of, load_config, parse_override, resolve_config
 from promptdml.registry import DATASETS
 from promptdml.text import plural
 
@@ -42,7 +42,7 @@ FLAGS: dict[str, Flag] = {f.option.lstrip("-").replace("-", "_"): f for f in (
          "the hub cache, then the model hub)", metavar="FILE"),
     Flag("--device", "train.device", "train.device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps"),
     Flag("--precision", "train.precision", "train.precision: autocast precision (auto = bf16 on CPU, fp16 on "
-                                           "CUDA)", choices=("auto", "bf16", "fp16", "fp32")),
+                                           "CUDA)", choices=choices_of("train.precision")),
     Flag("--epochs", "train.epochs", "train.epochs: number of training epochs", int, metavar="N"),
     Flag("--batch-size", "data.batch_size", "data.batch_size: training images per batch (batch size / "
                                             "data.samples_per_class classes per batch)", int, metavar="N"),

@@ -15,11 +15,30 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from promptdml.authors_format import (  # noqa: F401 - AUTHORS_KEYS re-exported for the config reference
+    AUTHORS_KEYS,
+    authors_to_nested,
+    is_authors_format,
+    unwrap_desc_value,
+)
 from promptdml.errors import ConfigError
+
+# Choices are Literal annotations: they drive validation (Config.validate), the CLI's choices= and the type
+# column of the generated configuration reference (one source; choices_of reads them).
+Pool = Literal["cls", "avg", "cls+avg"]
+HeadInit = Literal["xavier", "centered"]
+ContainerUpdate = Literal["gru_relu", "gru", "mix"]
+BiasInit = Literal["normal", "kaiming", "class_mean"]
+ContainerInit = Literal["random", "class_mean"]
+ProxyRange = Literal["both_all", "in_batch"]
+Normalization = Literal["standard", "authors"]
+OptimizerName = Literal["sgd", "adamw"]
+SchedulerName = Literal["cosine", "constant"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
 
 
 @dataclass
@@ -58,7 +77,7 @@ class BackboneConfig:
     pretrained: bool = True
     """False builds a randomly initialised backbone (tests only)."""
     img_size: int = 224
-    pool: str = "cls"
+    pool: Pool = "cls"
     """cls | avg | cls+avg: which tokens of the final norm feed the heads."""
     grad_checkpointing: bool = False
     fused_branches: bool = False
@@ -88,19 +107,19 @@ class ProxyConfig:
 
     semantic: bool = True
     """False = the 'plain proxies' baseline: proxies are learnable vectors only."""
-    container_update: str = "gru_relu"
+    container_update: ContainerUpdate = "gru_relu"
     """gru_relu | gru | mix"""
     mix_keep_ratio: float = 0.9
     """mix: H[c] = keep * H[c] + (1 - keep) * mean_j q[c, j]."""
     proxy_bias_ratio: float = 0.5
     """lambda: P = lambda * P_bias + (1 - lambda) * H."""
     rnn_dropout: float = 0.0
-    bias_init: str = "normal"
+    bias_init: BiasInit = "normal"
     """normal (N(0, bias_init_std), for VPTSP-G and the plain-proxies baseline alike, so that the ablation
     changes one thing) | kaiming (Proxy Anchor's own init, row norm about 2.6 at 114 classes: SGD moves such
     proxies about 280x slower in angle) | class_mean (each class's mean embedding of its training images,
     computed once before training with the initial prompts and head: every proxy starts at its class)"""
-    container_init: str = "random"
+    container_init: ContainerInit = "random"
     """random (unit rows) | class_mean (each row the class's mean proxy-branch feature, computed once before
     training with the initial class prompts and proxy head)"""
     bias_init_std: float = 0.01
@@ -139,7 +158,7 @@ class ModelConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     embed_dim: int = 384
-    head_init: str = "xavier"
+    head_init: HeadInit = "xavier"
     """xavier (Xavier-uniform weight, zero bias) | centered (the same weight; the bias is set once before
     training so that the training images' mean embedding before L2 normalisation is zero: features of one
     domain share a large common direction, which otherwise puts every embedding in a narrow cone). Applies
@@ -174,21 +193,21 @@ class LossConfig:
     """norm_softmax: softmax temperature."""
     alpha: float = 32.0
     delta: float = 0.1
-    proxy_range: str = "both_all"
+    proxy_range: ProxyRange = "both_all"
     """both_all (all classes' proxies) | in_batch (the batch's classes only)"""
-    normalization: str = "standard"
+    normalization: Normalization = "standard"
     """standard (positive term / #proxies with positives, negative term / #proxies) | authors (both / C)"""
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "sgd"
+    optimizer: OptimizerName = "sgd"
     """sgd (momentum) | adamw"""
     lr: float = 5e-3
     lr_proxy: float = 0.1
     weight_decay: float = 1e-6
     momentum: float = 0.9
-    scheduler: str = "cosine"
+    scheduler: SchedulerName = "cosine"
     """cosine | constant"""
     t_max: int = 0
     """Cosine period in epochs (0 = the number of epochs)."""
@@ -225,7 +244,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     """auto | cpu | cuda | cuda:N | mps"""
-    precision: str = "auto"
+    precision: Precision = "auto"
     """auto (bf16 on CPU, fp16 on CUDA) | bf16 | fp16 | fp32"""
     output_dir: str = "runs"
     run_name: str = ""
@@ -264,19 +283,11 @@ class Config:
         from promptdml.registry import DATASETS, LOSSES
 
         _choice("data.dataset", self.data.dataset, DATASETS.names())
-        _choice("model.backbone.pool", self.model.backbone.pool, ["cls", "avg", "cls+avg"])
-        _choice("model.head_init", self.model.head_init, ["xavier", "centered"])
-        _choice("model.proxy.container_update", self.model.proxy.container_update, ["gru_relu", "gru", "mix"])
-        _choice("model.proxy.bias_init", self.model.proxy.bias_init, ["normal", "kaiming", "class_mean"])
-        _choice("model.proxy.container_init", self.model.proxy.container_init, ["random", "class_mean"])
         _choice("loss.name", self.loss.name, LOSSES.names())
+        for key, options in _literal_keys(Config):  # every Literal-annotated key, in declaration order
+            _choice(key, _get_key(self, key), list(options))
         if not (math.isfinite(self.loss.temperature) and self.loss.temperature > 0):
             raise ConfigError(f"loss.temperature must be a positive number, got {self.loss.temperature}")
-        _choice("loss.proxy_range", self.loss.proxy_range, ["both_all", "in_batch"])
-        _choice("loss.normalization", self.loss.normalization, ["standard", "authors"])
-        _choice("optim.optimizer", self.optim.optimizer, ["sgd", "adamw"])
-        _choice("optim.scheduler", self.optim.scheduler, ["cosine", "constant"])
-        _choice("train.precision", self.train.precision, ["auto", "bf16", "fp16", "fp32"])
         d = self.data
         if d.samples_per_class < 1:
             raise ConfigError("data.samples_per_class must be >= 1")
@@ -383,6 +394,30 @@ def check_device_name(name: str, key: str = "--device") -> None:
         raise ConfigError(f"{key} = '{name}' is not a device; use auto, cpu, cuda, cuda:N (N = 0, 1, ...) or mps.{hint}")
 
 
+def _literal_keys(cls: type, prefix: str = "") -> list[tuple[str, tuple[str, ...]]]:
+    """(dotted key, choices) of every field annotated with a ``Literal``, in declaration order."""
+    out: list[tuple[str, tuple[str, ...]]] = []
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _literal_keys(tp, prefix + f.name + ".")
+        elif typing.get_origin(tp) is Literal:
+            out.append((prefix + f.name, typing.get_args(tp)))
+    return out
+
+
+def choices_of(key: str) -> tuple[str, ...] | None:
+    """The allowed values of a ``Literal``-annotated key (e.g. ``train.precision``), else None."""
+    return dict(_literal_keys(Config)).get(key)
+
+
+def _get_key(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def _choice(key: str, value: str, options: list[str]) -> None:
     if value not in options:
         close = difflib.get_close_matches(str(value), options, n=1)
@@ -406,6 +441,8 @@ def _field_types(cls: type) -> dict[str, Any]:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/CLI value to the annotated type, or raise ConfigError."""
     origin = typing.get_origin(tp)
+    if origin is Literal:  # a string here; whether it is one of the choices is checked by Config.validate
+        return _coerce(value, str, key)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -452,15 +489,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
-def _unwrap_desc_value(obj: Any) -> Any:
-    """Turn the authors' ``key: {desc: ..., value: ...}`` entries into plain values, recursively."""
-    if isinstance(obj, dict):
-        if "value" in obj and set(obj) <= {"desc", "value"}:
-            return _unwrap_desc_value(obj["value"])
-        return {k: _unwrap_desc_value(v) for k, v in obj.items()}
-    return obj
-
-
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
     for f in dataclasses.fields(cls):
@@ -500,75 +528,6 @@ def _apply(cfg: Any, data: dict[str, Any], prefix: str, where: str) -> None:
             setattr(cfg, k, _coerce(v, tp, key))
 
 
-# Authors' flat keys -> our nested keys (their YAML files load unchanged).
-AUTHORS_KEYS: dict[str, str] = {
-    "batch_size": "data.batch_size",
-    "samples_per_class": "data.samples_per_class",
-    "dataset": "data.dataset",
-    "decay": "optim.weight_decay",
-    "embed_dim": "model.embed_dim",
-    "lr": "optim.lr",
-    "lr_proxy": "optim.lr_proxy",
-    "lr_cosine_length": "optim.t_max",
-    "lr_cosine_min": "optim.lr_min",
-    "n_epochs": "train.epochs",
-    "num_prompt": "model.prompts.num_prompt",
-    "prompt_depth": "model.prompts.prompt_depth",
-    "prompt_block_step": "model.prompts.prompt_block_step",
-    "num_p_prompt": "model.prompts.num_p_prompt",
-    "p_prompt_depth": "model.prompts.p_prompt_depth",
-    "prompt_p_block_step": "model.prompts.prompt_p_block_step",
-    "optim": "optim.optimizer",
-    "proxy_bias_ratio": "model.proxy.proxy_bias_ratio",
-    "proxy_data_range": "loss.proxy_range",
-    "rnn_dropout": "model.proxy.rnn_dropout",
-    "semantic_mix_type": "model.proxy.container_update",
-    "proxy_mix_keep_ratio": "model.proxy.mix_keep_ratio",
-    "vit_bitfit": "model.bitfit",
-    "vit_proxy_net": "model.proxy.semantic",
-    "pretrained_model": "model.backbone.name",
-    "scheduler": "optim.scheduler",
-    "mix_precision": "train.precision",
-    "seed": "train.seed",
-}
-# Authors' keys with no effect here (behaviour fixed by the method or superseded); accepted and ignored.
-AUTHORS_IGNORED = {
-    "data_sampler", "eval_start", "feature_dropout", "negative_push", "proxy_mix_bias", "proxy_net_head",
-    "same_p_scheduler", "vit_head", "vit_prompt", "no_train_metrics", "gpu", "source_path", "save_path",
-}
-AUTHORS_BACKBONES = {
-    "vit_small_patch16_224_in21k": "vit_small_patch16_224.augreg_in21k",
-    "vit_base_patch16_224_in21k": "vit_base_patch16_224.augreg_in21k",
-}
-
-
-def _authors_to_nested(flat: dict[str, Any]) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for k, v in flat.items():
-        if k in AUTHORS_IGNORED:
-            continue
-        if k not in AUTHORS_KEYS:
-            raise _unknown_key_error(k, sorted(AUTHORS_KEYS) + _all_keys(Config), "the authors'-format YAML")
-        target = AUTHORS_KEYS[k]
-        if target == "model.backbone.name":
-            v = AUTHORS_BACKBONES.get(v, v)
-        if target == "train.precision":
-            v = "auto" if v else "fp32"
-        if target == "optim.scheduler" and v not in ("cosine", "constant"):
-            v = "constant" if v in ("none", None) else v
-        node = nested
-        *parents, leaf = target.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return nested
-
-
-def _is_authors_format(data: dict[str, Any]) -> bool:
-    sections = {f.name for f in dataclasses.fields(Config)}
-    return bool(data) and not (set(data) & sections) and bool(set(data) & (set(AUTHORS_KEYS) | AUTHORS_IGNORED))
-
-
 def parse_override(text: str) -> tuple[str, Any]:
     """``section.key=value`` -> (key, YAML-parsed value)."""
     if "=" not in text:
@@ -602,11 +561,11 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
 
 def from_dict(data: dict[str, Any] | None, where: str = "a dict") -> Config:
     cfg = Config()
-    data = _unwrap_desc_value(data or {})
+    data = unwrap_desc_value(data or {})
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must hold a mapping of config keys, got {type(data).__name__}")
-    if _is_authors_format(data):
-        data = _authors_to_nested(data)
+    if is_authors_format(data):
+        data = authors_to_nested(data)
     _apply(cfg, data, "", where)
     return cfg
 
@@ -736,6 +695,8 @@ def describe_keys() -> list[tuple[str, str, Any, str]]:
         return " | ".join(DATASETS.names()) if key == "data.dataset" else ""
 
     def type_name(tp: Any) -> str:
+        if typing.get_origin(tp) is Literal:
+            return "one of " + ", ".join(typing.get_args(tp))
         if typing.get_origin(tp) is None and isinstance(tp, type):
             return tp.__name__
         return str(tp).replace("typing.", "")
