@@ -212,7 +212,7 @@ def _parse_choices(key: str, spec: dict, tp: Any, where: str) -> Param:
 
 def _parse_range(key: str, spec: dict, tp: Any, where: str) -> Param:
     if tp not in (int, float):
-        name = getattr(tp, "__name__", str(tp))
+        name = "str" if typing.get_origin(tp) is typing.Literal else getattr(tp, "__name__", str(tp))
         raise ConfigError(f"{where}: {key} is a {name} key; list its values instead: {{choices: [...]}}")
     missing = [f for f in ("low", "high") if f not in spec]
     if missing:
