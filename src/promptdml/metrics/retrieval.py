@@ -242,6 +242,18 @@ def _check_ks(ks) -> list[int]:
 # evaluation paths
 
 
+def _query_chunks(n: int, num_rel: torch.Tensor, chunk: int, bar=None):
+    """``(start, end, relevant counts, valid)`` of each chunk of queries that has a query with a relevant item
+    (``valid``: those queries); advances the progress bar over every chunk."""
+    for s, e in _iter_chunks(n, chunk):
+        if bar is not None:
+            bar.update(e - s)
+        rc = num_rel[s:e]
+        valid = rc > 0
+        if bool(valid.any()):
+            yield s, e, rc, valid
+
+
 def _eval_torch(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, bar=None) -> _Acc:
     n_ref = ref.shape[0]
     n_avail = n_ref - int(exclude_self)
@@ -250,13 +262,7 @@ def _eval_torch(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, 
     acc = _Acc(ks, q.shape[0], q.device)
     col = torch.arange(n_ref, device=q.device)
     sum_dtype = torch.float32 if n_ref < 2**24 else torch.float64
-    for s, e in _iter_chunks(q.shape[0], chunk):
-        if bar is not None:
-            bar.update(e - s)
-        rc = num_rel[s:e]
-        valid = rc > 0
-        if not bool(valid.any()):
-            continue
+    for s, e, rc, valid in _query_chunks(q.shape[0], num_rel, chunk, bar):
         c = e - s
         rows = torch.arange(c, device=q.device)
         S = similarity_block(q[s:e], ref, s, exclude_self)
@@ -319,13 +325,7 @@ def _eval_fast(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, p
     acc = _Acc(ks, q.shape[0], q.device)
     stats = {"queries": 0, "wider": 0, "fp32_rows": 0, "rank_count_rows": 0, "band_pairs": 0}
     fast.LAST_STATS.clear()
-    for s, e in _iter_chunks(q.shape[0], chunk):
-        if bar is not None:
-            bar.update(e - s)
-        rc = num_rel[s:e]
-        valid = rc > 0
-        if not bool(valid.any()):
-            continue
+    for s, e, rc, valid in _query_chunks(q.shape[0], num_rel, chunk, bar):
         c = e - s
         stats["queries"] += c
         qc = q[s:e]
