@@ -484,8 +484,14 @@ class PromptedViT(nn.Module):
         self._compiled = None
         text = str(e).strip()
         first = text.splitlines()[0][:200] if text else ""
-        log.warning("train.compile: torch.compile is not available here (%s: %s); training continues eager",
-                    type(e).__name__, first)
+        hint = ""
+        if isinstance(e, ImportError) or "ImportError" in first:
+            from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+            hint = (f"; if the C++ toolchain works, the compiler cache may be corrupt (an interrupted or concurrent"
+                    f" build): delete {cache_dir()} or point TORCHINDUCTOR_CACHE_DIR at an empty folder")
+        log.warning("train.compile: torch.compile is not available here (%s: %s); training continues eager%s",
+                    type(e).__name__, first, hint)
 
     def _block_call(self, kind: str, *args: Any) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
