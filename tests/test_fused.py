@@ -340,7 +340,7 @@ def test_compiled_equals_eager(fused, tmp_path, monkeypatch):
     _assert_close(out[1], ref[1], 1e-5)
     explain = torch._dynamo.explain(model._compiled["fused" if fused else "plain"]._torchdynamo_orig_callable)
     if fused:
-        result = explain(model.vit.blocks[0], torch.randn(2, 10, 48), [5, 5], [sets[0][0], sets[1][0]], False)
+        result = explain(model.vit.blocks[0], 1, torch.randn(2, 10, 48), [5, 5], [sets[0][0], sets[1][0]], False)
     else:
         result = explain(model.vit.blocks[0], 1, torch.randn(2, 17, 48), sets[1][0])
     assert result.graph_break_count == 0

@@ -551,7 +551,7 @@ class PromptedViT(nn.Module):
             prompts = [p[i] if i < len(p) and p[i] is not None and p[i].shape[-2] > 0 else None
                        for p in prompt_sets]
             cls_only = i == self.depth - 1 and self.pool == "cls"
-            x = self._block_call("fused", self.vit.blocks[i], x, lengths, prompts, cls_only)
+            x = self._block_call("fused", self.vit.blocks[i], self.num_prefix_tokens, x, lengths, prompts, cls_only)
             if cls_only:
                 lengths = [1] * len(lengths)
         out, start = [], 0
@@ -586,11 +586,13 @@ def _plain_block(block: nn.Module, npt: int, x: torch.Tensor, prompt: torch.Tens
     return torch.cat([x[:, :npt], x[:, npt + n:]], dim=1)
 
 
-def _fused_block(block: nn.Module, x: torch.Tensor, lengths: list[int], prompts: list[torch.Tensor | None],
-                 cls_only: bool) -> torch.Tensor:
+def _fused_block(block: nn.Module, npt: int, x: torch.Tensor, lengths: list[int],
+                 prompts: list[torch.Tensor | None], cls_only: bool) -> torch.Tensor:
     """timm ``Block.forward`` on side-by-side branches ``x`` ``[B, sum(lengths), D]`` (prompts not
-    included), each branch's ``prompts`` entering as extra keys/values of its attention; ``cls_only``:
-    only each branch's first token is returned, ``[B, len(lengths), D]``."""
+    included), each branch's ``prompts`` entering as extra keys/values of its attention, placed after the
+    branch's ``npt`` prefix tokens as in :func:`_plain_block` (the same key order, so each query's attention
+    sums in the same order and gives the same bits); ``cls_only``: only each branch's first token is
+    returned, ``[B, len(lengths), D]``."""
     attn = block.attn
     starts = [sum(lengths[:j]) for j in range(len(lengths))]
 
@@ -612,7 +614,8 @@ def _fused_block(block: nn.Module, x: torch.Tensor, lengths: list[int], prompts:
                 kp = attn.k_norm(kp)
                 if p.dim() == 2:  # shared prompts: the same keys and values for every image
                     kp, vp = kp.expand(B, -1, -1, -1), vp.expand(B, -1, -1, -1)
-                ks, vs = torch.cat([ks, kp.to(ks.dtype)], dim=2), torch.cat([vs, vp.to(vs.dtype)], dim=2)
+                ks = torch.cat([ks[:, :, :npt], kp.to(ks.dtype), ks[:, :, npt:]], dim=2)
+                vs = torch.cat([vs[:, :, :npt], vp.to(vs.dtype), vs[:, :, npt:]], dim=2)
             if attn.fused_attn:
                 o = F.scaled_dot_product_attention(qs, ks, vs)
             else:
