@@ -109,3 +109,55 @@ def test_paper_configs_keep_the_authors_cosine_period(name):
     from promptdml.cli import resolve_config_path
 
     assert load_config(resolve_config_path(name)).optim.t_max == AUTHORS_T_MAX[name]
+
+
+def test_every_leaf_key_has_help_text():
+    """Help texts have one source, the field docstrings (data.dataset lists the registered datasets)."""
+    from promptdml.config import _all_keys, describe_keys
+
+    rows = describe_keys()
+    assert [r[0] for r in rows] == _all_keys(Config)
+    missing = [key for key, _, _, help_text in rows if not help_text.strip()]
+    assert not missing, f"keys without a docstring under their field in promptdml/config.py: {missing}"
+
+
+def test_each_section_validates_on_its_own():
+    from promptdml.config import (
+        AdapterConfig,
+        BackboneConfig,
+        DataConfig,
+        EvalConfig,
+        LoRAConfig,
+        LossConfig,
+        ModelConfig,
+        OptimConfig,
+        PromptConfig,
+        ProxyConfig,
+        TrainConfig,
+    )
+
+    cfg = Config()
+    for section in (DataConfig(), BackboneConfig(), PromptConfig(), ProxyConfig(), AdapterConfig(), LoRAConfig(),
+                    ModelConfig(), LossConfig(), OptimConfig(), EvalConfig(), TrainConfig()):
+        assert section.validate(cfg) is None  # the defaults are valid
+    bad = [(DataConfig(batch_size=5, samples_per_class=2), "data.batch_size"),
+           (BackboneConfig(img_size=0), "model.backbone.img_size"),
+           (PromptConfig(num_prompt=-1), "model.prompts.num_prompt"),
+           (ProxyConfig(proxy_bias_ratio=2.0), "model.proxy.proxy_bias_ratio"),
+           (AdapterConfig(bottleneck=-1), "model.adapter.bottleneck"),
+           (LoRAConfig(rank=4, alpha=0.0), "model.lora.alpha"),
+           (ModelConfig(embed_dim=0), "model.embed_dim"),
+           (ModelConfig(lora=LoRAConfig(dropout=1.0)), "model.lora.dropout"),  # the subsections are checked
+           (LossConfig(temperature=0.0), "loss.temperature"),
+           (OptimConfig(momentum=1.0), "optim.momentum"),
+           (EvalConfig(recall_ks=[]), "eval.recall_ks"),
+           (TrainConfig(device="gpu"), "train.device")]
+    for section, key in bad:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            section.validate(cfg)
+    # a check that needs another section reads it from the config passed in
+    short = Config()
+    short.train.epochs = 2
+    OptimConfig(warmup_epochs=2.0).validate(short)
+    with pytest.raises(ConfigError, match=r"optim\.warmup_epochs must be in \[0, train\.epochs=2\]"):
+        OptimConfig(warmup_epochs=3.0).validate(short)

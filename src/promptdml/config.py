@@ -55,16 +55,44 @@ class DataConfig:
     val_ratio: float = 0.0
     """Fraction of the training classes held out as a validation split (0 = none)."""
     batch_size: int = 64
+    """Images per training batch (B); must be divisible by data.samples_per_class."""
     samples_per_class: int = 2
     """k: images per class in a batch; the batch holds batch_size / k distinct classes."""
     batches_per_epoch: int = 0
     """0 = len(train set) // batch_size."""
     num_workers: int = 2
+    """Data-loading worker processes (0 = load in the main process)."""
     cache: str = "none"
     """none | auto | PATH: decoded-image cache for training (decode + resize once, augment the tensor)."""
     demo_classes: int = 64
+    """demo: number of generated classes."""
     demo_images_per_class: int = 16
+    """demo: generated images per class."""
     demo_image_size: int = 96
+    """demo: side length of the generated images in pixels."""
+
+    def validate(self, cfg: Config) -> None:
+        """Check this section's values (data.dataset is checked against the registry by Config.validate)."""
+        if self.samples_per_class < 1:
+            raise ConfigError("data.samples_per_class must be >= 1")
+        if self.batch_size % self.samples_per_class != 0:
+            raise ConfigError(
+                f"data.batch_size ({self.batch_size}) must be divisible by data.samples_per_class "
+                f"({self.samples_per_class}): a batch holds batch_size / k classes with k images each. "
+                f"Try batch_size={self.batch_size - self.batch_size % self.samples_per_class or self.samples_per_class}.")
+        if self.batch_size // self.samples_per_class < 2:
+            raise ConfigError("data.batch_size / data.samples_per_class must be >= 2 (at least two classes "
+                              "per batch, otherwise the loss has no negatives)")
+        if not 0.0 < self.train_ratio < 1.0:
+            raise ConfigError("data.train_ratio must be in (0, 1)")
+        if not 0.0 <= self.val_ratio < 1.0:
+            raise ConfigError("data.val_ratio must be in [0, 1)")
+        if not isinstance(self.cache, str) or not self.cache.strip():
+            raise ConfigError(f"data.cache must be none, auto or a folder path, got {self.cache!r}")
+        _at_least(("data.batch_size", self.batch_size, 1), ("data.num_workers", self.num_workers, 0),
+                  ("data.batches_per_epoch", self.batches_per_epoch, 0), ("data.demo_classes", self.demo_classes, 4),
+                  ("data.demo_images_per_class", self.demo_images_per_class, 2),
+                  ("data.demo_image_size", self.demo_image_size, 8))
 
 
 @dataclass
@@ -72,14 +100,18 @@ class BackboneConfig:
     """The frozen timm Vision Transformer."""
 
     name: str = "vit_small_patch16_224.augreg_in21k"
+    """timm model name of the frozen ViT, e.g. vit_small_patch16_224.augreg_in21k or
+    vit_small_patch14_dinov2.lvd142m."""
     weights: str = ""
     """Local weights file (.safetensors/.pth/.bin/.npz). Empty = download from the model hub."""
     pretrained: bool = True
     """False builds a randomly initialised backbone (tests only)."""
     img_size: int = 224
+    """Input resolution in pixels (position embeddings are resampled to it)."""
     pool: Pool = "cls"
     """cls | avg | cls+avg: which tokens of the final norm feed the heads."""
     grad_checkpointing: bool = False
+    """Recompute block activations in the backward pass (less memory, slower)."""
     fused_branches: bool = False
     """Training: run the embedding pass (shared prompts) and the proxy pass (class prompts) as one backbone
     call, both branches' tokens through each block's LayerNorm / qkv / projection / MLP together and attention
@@ -88,17 +120,36 @@ class BackboneConfig:
     depth: int = 0
     """Override the number of blocks (0 = the architecture's own; for tiny test models)."""
 
+    def validate(self, cfg: Config) -> None:
+        """Check this section's values."""
+        _at_least(("model.backbone.img_size", self.img_size, 1), ("model.backbone.depth", self.depth, 0))
+
 
 @dataclass
 class PromptConfig:
     """Shared deep prompts (embedding path) and class prompts (semantic proxy path)."""
 
     num_prompt: int = 10
+    """Shared prompts (embedding path): block i gets max(num_prompt - i * prompt_block_step, 0) prompts
+    (0 = none)."""
     prompt_depth: int = 12
+    """Number of blocks, from the first, that get shared prompts (1 = VPT-shallow)."""
     prompt_block_step: int = 0
+    """How many fewer shared prompts each following block gets."""
     num_p_prompt: int = 3
+    """Class prompts (semantic proxy path): block i gets max(num_p_prompt - i * prompt_p_block_step, 0)
+    prompts of the sample's class."""
     p_prompt_depth: int = 12
+    """Number of blocks, from the first, that get class prompts."""
     prompt_p_block_step: int = 0
+    """How many fewer class prompts each following block gets."""
+
+    def validate(self, cfg: Config) -> None:
+        """Check this section's values: every count and step is >= 0."""
+        for name in ("num_prompt", "prompt_depth", "prompt_block_step", "num_p_prompt", "p_prompt_depth",
+                     "prompt_p_block_step"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.prompts.{name} must be >= 0")
 
 
 @dataclass
@@ -114,6 +165,7 @@ class ProxyConfig:
     proxy_bias_ratio: float = 0.5
     """lambda: P = lambda * P_bias + (1 - lambda) * H."""
     rnn_dropout: float = 0.0
+    """Dropout on the GRU output (the new container row); gru_relu and gru only."""
     bias_init: BiasInit = "normal"
     """normal (N(0, bias_init_std), for VPTSP-G and the plain-proxies baseline alike, so that the ablation
     changes one thing) | kaiming (Proxy Anchor's own init, row norm about 2.6 at 114 classes: SGD moves such
@@ -124,6 +176,16 @@ class ProxyConfig:
     training with the initial class prompts and proxy head)"""
     bias_init_std: float = 0.01
     """Standard deviation of the proxy-bias initialisation (bias_init=normal)."""
+
+    def validate(self, cfg: Config) -> None:
+        """Check this section's values."""
+        if not 0.0 <= self.proxy_bias_ratio <= 1.0:
+            raise ConfigError("model.proxy.proxy_bias_ratio must be in [0, 1]")
+        if not 0.0 <= self.mix_keep_ratio <= 1.0:
+            raise ConfigError("model.proxy.mix_keep_ratio must be in [0, 1]")
+        if not 0.0 <= self.rnn_dropout < 1.0:
+            raise ConfigError("model.proxy.rnn_dropout must be in [0, 1)")
+        _non_negative(("model.proxy.bias_init_std", self.bias_init_std))
 
 
 @dataclass
@@ -137,6 +199,13 @@ class AdapterConfig:
     dropout: float = 0.0
     """Dropout inside the adapter (after the activation)."""
 
+    def validate(self, cfg: Config) -> None:
+        """Check this section's values."""
+        if self.bottleneck < 0:
+            raise ConfigError("model.adapter.bottleneck must be >= 0 (0 = no adapters)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("model.adapter.dropout must be in [0, 1)")
+
 
 @dataclass
 class LoRAConfig:
@@ -149,6 +218,15 @@ class LoRAConfig:
     dropout: float = 0.0
     """Dropout on the LoRA input."""
 
+    def validate(self, cfg: Config) -> None:
+        """Check this section's values."""
+        if self.rank < 0:
+            raise ConfigError("model.lora.rank must be >= 0 (0 = no LoRA)")
+        if self.rank > 0 and self.alpha <= 0:
+            raise ConfigError("model.lora.alpha must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("model.lora.dropout must be in [0, 1)")
+
 
 @dataclass
 class ModelConfig:
@@ -158,6 +236,7 @@ class ModelConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     embed_dim: int = 384
+    """Embedding size E of the embedding head (and of the proxy head)."""
     head_init: HeadInit = "xavier"
     """xavier (Xavier-uniform weight, zero bias) | centered (the same weight; the bias is set once before
     training so that the training images' mean embedding before L2 normalisation is zero: features of one
@@ -180,6 +259,19 @@ class ModelConfig:
     memory_bank_threshold: int = 1000
     """Number of training classes from which memory_bank=auto turns the bank on."""
 
+    def validate(self, cfg: Config) -> None:
+        """Check the subsections (in declaration order), then this section's own values."""
+        for section in (self.backbone, self.prompts, self.proxy, self.adapter, self.lora):
+            section.validate(cfg)
+        if self.embed_dim < 1:
+            raise ConfigError("model.embed_dim must be >= 1")
+        _choice("model.memory_bank", self.memory_bank, ["auto", "on", "off"])
+        if self.memory_bank_threshold < 1:
+            raise ConfigError("model.memory_bank_threshold must be >= 1")
+        if self.full_finetune and self.lora.rank > 0:
+            raise ConfigError("model.full_finetune trains the qkv weights themselves; LoRA on top of them is "
+                              "redundant and could not be merged. Set model.lora.rank=0 or model.full_finetune=false.")
+
 
 @dataclass
 class LossConfig:
@@ -192,11 +284,21 @@ class LossConfig:
     temperature: float = 0.05
     """norm_softmax: softmax temperature."""
     alpha: float = 32.0
+    """Proxy Anchor scale alpha applied to the cosine similarities."""
     delta: float = 0.1
+    """Proxy Anchor margin delta."""
     proxy_range: ProxyRange = "both_all"
     """both_all (all classes' proxies) | in_batch (the batch's classes only)"""
     normalization: Normalization = "standard"
     """standard (positive term / #proxies with positives, negative term / #proxies) | authors (both / C)"""
+
+    def validate(self, cfg: Config) -> None:
+        """Check this section's values (loss.name is checked against the registry by Config.validate)."""
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"loss.temperature must be a positive number, got {self.temperature}")
+        _positive(("loss.alpha", self.alpha))
+        if not math.isfinite(self.delta):
+            raise ConfigError(f"loss.delta must be a finite number, got {self.delta}")
 
 
 @dataclass
@@ -204,14 +306,20 @@ class OptimConfig:
     optimizer: OptimizerName = "sgd"
     """sgd (momentum) | adamw"""
     lr: float = 5e-3
+    """Learning rate of everything trained except the proxy bias (prompts, heads, biases, GRU, class prompts;
+    adapter/LoRA/backbone weights in the baselines)."""
     lr_proxy: float = 0.1
+    """Learning rate of the proxy bias P_bias (a second optimiser of the same type)."""
     weight_decay: float = 1e-6
+    """Weight decay of both optimisers."""
     momentum: float = 0.9
+    """SGD momentum (optimizer=sgd)."""
     scheduler: SchedulerName = "cosine"
     """cosine | constant"""
     t_max: int = 0
     """Cosine period in epochs (0 = the number of epochs)."""
     lr_min: float = 1e-8
+    """Learning rate at the end of the cosine period."""
     grad_clip: float = 0.0
     """Clip the global gradient norm (0 = off)."""
     backbone_lr_scale: float = 1.0
@@ -225,30 +333,63 @@ class OptimConfig:
     """Linear learning-rate warmup over the first N epochs (fractions allowed), step by step, for every parameter
     group (0 = off, as in the original method)."""
 
+    def validate(self, cfg: Config) -> None:
+        """Check this section's values; the warm-up lengths are bounded by cfg.train.epochs."""
+        if not (math.isfinite(self.backbone_lr_scale) and self.backbone_lr_scale > 0):
+            raise ConfigError(f"optim.backbone_lr_scale must be a positive number, got {self.backbone_lr_scale}")
+        epochs = cfg.train.epochs
+        if not 0.0 <= self.head_warmup_epochs <= epochs:
+            raise ConfigError(f"optim.head_warmup_epochs must be in [0, train.epochs={epochs}], got "
+                              f"{self.head_warmup_epochs}")
+        if not 0.0 <= self.warmup_epochs <= epochs:
+            raise ConfigError(f"optim.warmup_epochs must be in [0, train.epochs={epochs}], got "
+                              f"{self.warmup_epochs}")
+        _positive(("optim.lr", self.lr), ("optim.lr_proxy", self.lr_proxy))
+        _non_negative(("optim.weight_decay", self.weight_decay), ("optim.lr_min", self.lr_min),
+                      ("optim.grad_clip", self.grad_clip))
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise ConfigError(f"optim.momentum must be in [0, 1), got {self.momentum}")
+        _at_least(("optim.t_max", self.t_max, 0))
+
 
 @dataclass
 class EvalConfig:
     recall_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    """The K of Recall@K, e.g. [1, 10, 100, 1000] for SOP."""
     every: int = 0
     """Evaluate on the test split every N epochs (0 = only after training)."""
     batch_size: int = 128
+    """Images per forward pass when embedding the evaluation splits."""
     before_training: bool = False
     """Also evaluate the frozen backbone's features before training."""
     select_metric: str = "map@r"
     """Metric on the validation split (data.val_ratio > 0) that picks the 'best' checkpoint."""
 
+    def validate(self, cfg: Config) -> None:
+        """Check this section's values; select_metric is one of the metrics that recall_ks makes."""
+        if not self.recall_ks or min(self.recall_ks) < 1:
+            raise ConfigError("eval.recall_ks must be a non-empty list of positive integers")
+        _at_least(("eval.batch_size", self.batch_size, 1), ("eval.every", self.every, 0))
+        metrics = ["map@r", "r_precision"] + [f"recall@{k}" for k in self.recall_ks]
+        _choice("eval.select_metric", self.select_metric, metrics)
+
 
 @dataclass
 class TrainConfig:
     epochs: int = 15
+    """Number of training epochs."""
     seed: int = 0
+    """Random seed (initialisation, batch sampling, augmentation)."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N | mps"""
     precision: Precision = "auto"
     """auto (bf16 on CPU, fp16 on CUDA) | bf16 | fp16 | fp32"""
     output_dir: str = "runs"
+    """Folder in which run directories are created (OUTPUT_DIR/RUN_NAME)."""
     run_name: str = ""
+    """Name of the run directory (empty = <dataset>-<date>-<time>)."""
     progress: bool = True
+    """Show progress bars."""
     deterministic: bool = False
     """Deterministic algorithms (bitwise-reproducible on CPU; slower on GPU)."""
     max_nonfinite_steps: int = 20
@@ -268,6 +409,14 @@ class TrainConfig:
     compile time at the first steps, then faster steps; evaluation stays eager. Where the compiler is not
     available (e.g. no C++ toolchain) one warning and training continues eager."""
 
+    def validate(self, cfg: Config) -> None:
+        """Check this section's values."""
+        if self.epochs < 1:
+            raise ConfigError("train.epochs must be >= 1")
+        _at_least(("train.keep_checkpoints", self.keep_checkpoints, 0),
+                  ("train.max_nonfinite_steps", self.max_nonfinite_steps, 1))
+        check_device_name(self.device, "train.device")
+
 
 @dataclass
 class Config:
@@ -279,108 +428,40 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> Config:
-        """Check values that a type alone cannot express; raise ConfigError with the fix."""
+        """Check values that a type alone cannot express; raise ConfigError with the fix.
+
+        The choices first (the registered datasets and losses, then every ``Literal``-annotated key), then each
+        section's own ``validate`` in declaration order (a section reads other sections from this config)."""
         from promptdml.registry import DATASETS, LOSSES
 
         _choice("data.dataset", self.data.dataset, DATASETS.names())
         _choice("loss.name", self.loss.name, LOSSES.names())
         for key, options in _literal_keys(Config):  # every Literal-annotated key, in declaration order
             _choice(key, _get_key(self, key), list(options))
-        if not (math.isfinite(self.loss.temperature) and self.loss.temperature > 0):
-            raise ConfigError(f"loss.temperature must be a positive number, got {self.loss.temperature}")
-        d = self.data
-        if d.samples_per_class < 1:
-            raise ConfigError("data.samples_per_class must be >= 1")
-        if d.batch_size % d.samples_per_class != 0:
-            raise ConfigError(
-                f"data.batch_size ({d.batch_size}) must be divisible by data.samples_per_class "
-                f"({d.samples_per_class}): a batch holds batch_size / k classes with k images each. "
-                f"Try batch_size={d.batch_size - d.batch_size % d.samples_per_class or d.samples_per_class}.")
-        if d.batch_size // d.samples_per_class < 2:
-            raise ConfigError("data.batch_size / data.samples_per_class must be >= 2 (at least two classes "
-                              "per batch, otherwise the loss has no negatives)")
-        if not 0.0 < d.train_ratio < 1.0:
-            raise ConfigError("data.train_ratio must be in (0, 1)")
-        if not 0.0 <= d.val_ratio < 1.0:
-            raise ConfigError("data.val_ratio must be in [0, 1)")
-        if not isinstance(d.cache, str) or not d.cache.strip():
-            raise ConfigError(f"data.cache must be none, auto or a folder path, got {d.cache!r}")
-        if not 0.0 <= self.model.proxy.proxy_bias_ratio <= 1.0:
-            raise ConfigError("model.proxy.proxy_bias_ratio must be in [0, 1]")
-        if not 0.0 <= self.model.proxy.mix_keep_ratio <= 1.0:
-            raise ConfigError("model.proxy.mix_keep_ratio must be in [0, 1]")
-        if not (math.isfinite(self.optim.backbone_lr_scale) and self.optim.backbone_lr_scale > 0):
-            raise ConfigError(f"optim.backbone_lr_scale must be a positive number, got {self.optim.backbone_lr_scale}")
-        if not 0.0 <= self.optim.head_warmup_epochs <= self.train.epochs:
-            raise ConfigError(f"optim.head_warmup_epochs must be in [0, train.epochs={self.train.epochs}], got "
-                              f"{self.optim.head_warmup_epochs}")
-        if not 0.0 <= self.optim.warmup_epochs <= self.train.epochs:
-            raise ConfigError(f"optim.warmup_epochs must be in [0, train.epochs={self.train.epochs}], got "
-                              f"{self.optim.warmup_epochs}")
-        for name in ("num_prompt", "prompt_depth", "prompt_block_step", "num_p_prompt", "p_prompt_depth",
-                     "prompt_p_block_step"):
-            if getattr(self.model.prompts, name) < 0:
-                raise ConfigError(f"model.prompts.{name} must be >= 0")
-        if self.model.embed_dim < 1:
-            raise ConfigError("model.embed_dim must be >= 1")
-        self._validate_model_extras()
-        if self.train.epochs < 1:
-            raise ConfigError("train.epochs must be >= 1")
-        if not self.eval.recall_ks or min(self.eval.recall_ks) < 1:
-            raise ConfigError("eval.recall_ks must be a non-empty list of positive integers")
-        self._validate_numbers()
+        for section in (self.data, self.model, self.loss, self.optim, self.eval, self.train):
+            section.validate(self)
         return self
 
-    def _validate_numbers(self) -> None:
-        """Values that would only fail later (during or after training): checked up front."""
-        o, d, t, e = self.optim, self.data, self.train, self.eval
-        for key, value in (("optim.lr", o.lr), ("optim.lr_proxy", o.lr_proxy), ("loss.alpha", self.loss.alpha)):
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{key} must be a finite number > 0, got {value}")
-        for key, value in (("optim.weight_decay", o.weight_decay), ("optim.lr_min", o.lr_min),
-                           ("optim.grad_clip", o.grad_clip), ("model.proxy.bias_init_std", self.model.proxy.bias_init_std)):
-            if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
-        if not (math.isfinite(o.momentum) and 0 <= o.momentum < 1):
-            raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}")
-        if not math.isfinite(self.loss.delta):
-            raise ConfigError(f"loss.delta must be a finite number, got {self.loss.delta}")
-        for key, value, low in (("data.batch_size", d.batch_size, 1), ("eval.batch_size", e.batch_size, 1),
-                                ("data.num_workers", d.num_workers, 0), ("data.batches_per_epoch", d.batches_per_epoch, 0),
-                                ("optim.t_max", o.t_max, 0), ("eval.every", e.every, 0),
-                                ("train.keep_checkpoints", t.keep_checkpoints, 0),
-                                ("train.max_nonfinite_steps", t.max_nonfinite_steps, 1),
-                                ("model.backbone.img_size", self.model.backbone.img_size, 1),
-                                ("model.backbone.depth", self.model.backbone.depth, 0),
-                                ("data.demo_classes", d.demo_classes, 4), ("data.demo_images_per_class", d.demo_images_per_class, 2),
-                                ("data.demo_image_size", d.demo_image_size, 8)):
-            if value < low:
-                raise ConfigError(f"{key} must be >= {low}, got {value}")
-        metrics = ["map@r", "r_precision"] + [f"recall@{k}" for k in e.recall_ks]
-        _choice("eval.select_metric", e.select_metric, metrics)
-        check_device_name(t.device, "train.device")
+
+def _positive(*items: tuple[str, float]) -> None:
+    """Each (key, value) is a finite number > 0 (values that would only fail during training)."""
+    for key, value in items:
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{key} must be a finite number > 0, got {value}")
 
 
-    def _validate_model_extras(self) -> None:
-        """Model options beyond the prompts: PEFT baselines and the memory bank."""
-        m = self.model
-        _choice("model.memory_bank", m.memory_bank, ["auto", "on", "off"])
-        if m.memory_bank_threshold < 1:
-            raise ConfigError("model.memory_bank_threshold must be >= 1")
-        if not 0.0 <= m.proxy.rnn_dropout < 1.0:
-            raise ConfigError("model.proxy.rnn_dropout must be in [0, 1)")
-        if m.adapter.bottleneck < 0:
-            raise ConfigError("model.adapter.bottleneck must be >= 0 (0 = no adapters)")
-        if m.lora.rank < 0:
-            raise ConfigError("model.lora.rank must be >= 0 (0 = no LoRA)")
-        if m.lora.rank > 0 and m.lora.alpha <= 0:
-            raise ConfigError("model.lora.alpha must be > 0")
-        for key, value in (("model.adapter.dropout", m.adapter.dropout), ("model.lora.dropout", m.lora.dropout)):
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"{key} must be in [0, 1)")
-        if m.full_finetune and m.lora.rank > 0:
-            raise ConfigError("model.full_finetune trains the qkv weights themselves; LoRA on top of them is "
-                              "redundant and could not be merged. Set model.lora.rank=0 or model.full_finetune=false.")
+def _non_negative(*items: tuple[str, float]) -> None:
+    """Each (key, value) is a finite number >= 0."""
+    for key, value in items:
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
+
+
+def _at_least(*items: tuple[str, int, int]) -> None:
+    """Each (key, value, low) has value >= low."""
+    for key, value, low in items:
+        if value < low:
+            raise ConfigError(f"{key} must be >= {low}, got {value}")
 
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -629,51 +710,13 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def describe_keys() -> list[tuple[str, str, Any, str]]:
     """Every leaf key as (dotted name, type, default, help), in declaration order, for docs and --help.
 
-    The help text is the field's docstring (the string literal right after the field in its dataclass);
-    keys without one fall back to the short texts below. The type is written as annotated
+    The help text is the field's docstring (the string literal right after the field in its dataclass), the
+    one source (data.dataset, which has none, lists the registered datasets). The type is written as annotated
     (``int``, ``list[int]``); the default is that of a fresh :class:`Config`. Covers nested sections
     (``model.backbone``, ``model.adapter``, ``model.lora``, ...) at any depth.
     """
     import ast
     import inspect
-
-    fallback = {
-        "data.batch_size": "Images per training batch (B); must be divisible by data.samples_per_class.",
-        "data.num_workers": "Data-loading worker processes (0 = load in the main process).",
-        "data.demo_classes": "demo: number of generated classes.",
-        "data.demo_images_per_class": "demo: generated images per class.",
-        "data.demo_image_size": "demo: side length of the generated images in pixels.",
-        "model.backbone.name": "timm model name of the frozen ViT, e.g. vit_small_patch16_224.augreg_in21k or "
-                               "vit_small_patch14_dinov2.lvd142m.",
-        "model.backbone.img_size": "Input resolution in pixels (position embeddings are resampled to it).",
-        "model.backbone.grad_checkpointing": "Recompute block activations in the backward pass (less memory, "
-                                             "slower).",
-        "model.prompts.num_prompt": "Shared prompts (embedding path): block i gets "
-                                    "max(num_prompt - i * prompt_block_step, 0) prompts (0 = none).",
-        "model.prompts.prompt_depth": "Number of blocks, from the first, that get shared prompts (1 = VPT-shallow).",
-        "model.prompts.prompt_block_step": "How many fewer shared prompts each following block gets.",
-        "model.prompts.num_p_prompt": "Class prompts (semantic proxy path): block i gets "
-                                      "max(num_p_prompt - i * prompt_p_block_step, 0) prompts of the sample's class.",
-        "model.prompts.p_prompt_depth": "Number of blocks, from the first, that get class prompts.",
-        "model.prompts.prompt_p_block_step": "How many fewer class prompts each following block gets.",
-        "model.proxy.rnn_dropout": "Dropout on the GRU output (the new container row); gru_relu and gru only.",
-        "model.embed_dim": "Embedding size E of the embedding head (and of the proxy head).",
-        "loss.alpha": "Proxy Anchor scale alpha applied to the cosine similarities.",
-        "loss.delta": "Proxy Anchor margin delta.",
-        "optim.lr": "Learning rate of everything trained except the proxy bias (prompts, heads, biases, GRU, "
-                    "class prompts; adapter/LoRA/backbone weights in the baselines).",
-        "optim.lr_proxy": "Learning rate of the proxy bias P_bias (a second optimiser of the same type).",
-        "optim.weight_decay": "Weight decay of both optimisers.",
-        "optim.momentum": "SGD momentum (optimizer=sgd).",
-        "optim.lr_min": "Learning rate at the end of the cosine period.",
-        "eval.recall_ks": "The K of Recall@K, e.g. [1, 10, 100, 1000] for SOP.",
-        "eval.batch_size": "Images per forward pass when embedding the evaluation splits.",
-        "train.epochs": "Number of training epochs.",
-        "train.seed": "Random seed (initialisation, batch sampling, augmentation).",
-        "train.output_dir": "Folder in which run directories are created (OUTPUT_DIR/RUN_NAME).",
-        "train.run_name": "Name of the run directory (empty = <dataset>-<date>-<time>).",
-        "train.progress": "Show progress bars.",
-    }
 
     def field_docs(cls: type) -> dict[str, str]:
         try:
@@ -712,7 +755,7 @@ def describe_keys() -> list[tuple[str, str, Any, str]]:
             if dataclasses.is_dataclass(tp):
                 walk(tp, getattr(obj, f.name), key + ".")
             else:
-                help_text = docs.get(f.name) or fallback.get(key, "") or registry_choices(key)
+                help_text = docs.get(f.name) or registry_choices(key)
                 rows.append((key, type_name(tp), getattr(obj, f.name), help_text))
 
     walk(Config, Config(), "")
