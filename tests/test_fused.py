@@ -9,6 +9,7 @@ import logging
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from conftest import tiny_config
 from timm.models.vision_transformer import VisionTransformer
 
@@ -237,8 +238,7 @@ def test_training_steps_give_equal_weights_bf16(tiny_weights):
 
 
 def test_forward_train_uses_one_backbone_call(tiny_cfg, monkeypatch):
-    assert tiny_cfg.model.backbone.fused_branches is False  # off by default: two passes
-    tiny_cfg.model.backbone.fused_branches = True
+    assert tiny_cfg.model.backbone.fused_branches is True  # the default: one call for both branches
     model = create_model(tiny_cfg.model, 4)
     calls = []
     original = PromptedViT.forward_branches
@@ -285,6 +285,33 @@ def test_compile_unavailable_at_enable(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="promptdml"):
         assert not model.enable_compile()
     assert "training continues eager" in caplog.text and not model.compiled
+
+
+def test_sdpa_fp32_backward_forward_is_torchs_and_gradients_are_exact():
+    """The fused blocks' attention: forward bit-equal to torch's kernel; backward = the analytic gradient
+    (gradcheck in fp64); in bf16 its gradients are no further from the fp64 ones than torch's kernel's."""
+    from promptdml.models.backbone import _attention, _SdpaFp32Backward
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    k2, v2 = k[:, :, :4].detach().requires_grad_(), v[:, :, :4].detach().requires_grad_()  # fewer keys
+    assert torch.autograd.gradcheck(_SdpaFp32Backward.apply, (q, k2, v2))
+    qb, kb, vb = (torch.randn(4, 6, 47, 64).bfloat16().requires_grad_() for _ in range(3))
+    g = torch.randn(4, 6, 47, 64).bfloat16()
+    out = _attention(qb, kb, vb)
+    assert out.grad_fn is not None and type(out.grad_fn).__name__.startswith("_SdpaFp32Backward")
+    assert torch.equal(out, F.scaled_dot_product_attention(qb, kb, vb))
+    ours = torch.autograd.grad(out, (qb, kb, vb), g)
+    torchs = torch.autograd.grad(F.scaled_dot_product_attention(qb, kb, vb), (qb, kb, vb), g)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (qb, kb, vb))
+    exact = torch.autograd.grad(F.scaled_dot_product_attention(qd, kd, vd), (qd, kd, vd), g.double())
+    for a, b, e in zip(ours, torchs, exact, strict=True):
+        err_ours = ((a.double() - e).norm() / e.norm()).item()
+        err_torch = ((b.double() - e).norm() / e.norm()).item()
+        assert err_ours <= 2e-3 and err_ours <= err_torch, (err_ours, err_torch)
+    with torch.no_grad():  # evaluation and fp32 keep torch's kernel
+        assert _attention(qb, kb, vb).grad_fn is None
+    assert _attention(qb.float(), kb.float(), vb.float()).grad_fn.name() != "_SdpaFp32BackwardBackward"
 
 
 def test_corrupt_compiler_cache_falls_back_with_a_fix(monkeypatch, caplog, tmp_path):
