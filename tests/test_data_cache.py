@@ -183,3 +183,19 @@ def test_build_splits_passes_the_setting(tmp_path):
             write_image(tmp_path / "f" / cls / f"{j}.png", seed=j)
     d = DataConfig(dataset="folder", root=str(tmp_path / "f"), cache=str(tmp_path / "c"))
     assert build_splits(d).train.cache == str(tmp_path / "c")
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_transform_of_a_memory_map_view_equals_that_of_the_whole_tensor(tmp_path, interpolation):
+    """The dataset hands the transform a view of the memory map and only the crop box is copied: the same
+    pixels as cropping and resizing the whole stored tensor, for the same random numbers."""
+    paths = make_images(tmp_path)
+    tf = CachedTrainTransform.from_compose(build_transforms({**DC, "interpolation": interpolation}, 12, train=True))
+    cache = ImageCache(tmp_path / "c", paths, SIDE, tf.interpolation)
+    for i in range(len(paths)):
+        for seed in range(4):
+            torch.manual_seed(seed)
+            a = tf(cache.tensor(i), tuple(cache.sizes[i]))
+            torch.manual_seed(seed)
+            b = tf(cache.array(i), tuple(cache.sizes[i]))
+            assert torch.equal(a, b)

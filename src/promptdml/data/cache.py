@@ -234,17 +234,23 @@ class CachedTrainTransform:
             return None
         return cls(ts[0], ts[1].p, ts[3].mean, ts[3].std)
 
-    def __call__(self, img: torch.Tensor, orig_hw: tuple[int, int]) -> torch.Tensor:
+    def __call__(self, img: torch.Tensor | np.ndarray, orig_hw: tuple[int, int]) -> torch.Tensor:
+        """``img``: the stored image as a uint8 ``[3, S, S]`` tensor or an ``[S, S, 3]`` array (e.g. a view of the
+        memory map: only the crop box is copied, then resized, the same values as cropping the whole tensor)."""
         h0, w0 = int(orig_hw[0]), int(orig_hw[1])
-        side = img.shape[-1]
+        side = img.shape[-1] if torch.is_tensor(img) else img.shape[0]
         top, left, h, w = T.RandomResizedCrop.get_params(torch.zeros(()).expand(3, h0, w0), self.scale, self.ratio)
         sy, sx = side / h0, side / w0
         t2, l2 = math.floor(top * sy + 0.5), math.floor(left * sx + 0.5)
         b2 = min(side, max(t2 + 1, math.floor((top + h) * sy + 0.5)))
         r2 = min(side, max(l2 + 1, math.floor((left + w) * sx + 0.5)))
         t2, l2 = min(t2, b2 - 1), min(l2, r2 - 1)
-        out = F2.resized_crop(img, t2, l2, b2 - t2, r2 - l2, self.size, interpolation=self.interpolation,
-                              antialias=True)
+        if torch.is_tensor(img):
+            out = F2.resized_crop(img, t2, l2, b2 - t2, r2 - l2, self.size, interpolation=self.interpolation,
+                                  antialias=True)
+        else:
+            box = torch.from_numpy(np.ascontiguousarray(img[t2:b2, l2:r2])).permute(2, 0, 1)
+            out = F2.resize(box, self.size, interpolation=self.interpolation, antialias=True)
         if torch.rand(1) < self.flip_p:
             out = out.flip(-1)
         return (out.float() - self.mean).mul_(self.inv_std)

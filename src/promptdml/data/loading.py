@@ -101,12 +101,13 @@ class ImageDataset(Dataset):
                         f"{self.records.paths[int(members[0])]}")
 
     def _read(self, j: int):
-        """A decoded image: from the files, or ``(uint8 [3, S, S], (h, w))`` from the cache."""
+        """A decoded image: from the files, or ``(uint8 [S, S, 3] view of the memory map, (h, w))`` from the
+        cache."""
         if self.cache is None:
             return load_rgb(self.records.paths[j])
         if not self.cache.ok[j]:
             raise OSError("the image could not be decoded when the cache was built")
-        return self.cache.tensor(j), tuple(self.cache.sizes[j])
+        return self.cache.array(j), tuple(self.cache.sizes[j])
 
     def __getitem__(self, index: int):
         index = int(index)
