@@ -249,7 +249,7 @@ class CachedTrainTransform:
             out = F2.resized_crop(img, t2, l2, b2 - t2, r2 - l2, self.size, interpolation=self.interpolation,
                                   antialias=True)
         else:
-            box = torch.from_numpy(np.ascontiguousarray(img[t2:b2, l2:r2])).permute(2, 0, 1)
+            box = torch.from_numpy(np.array(img[t2:b2, l2:r2])).permute(2, 0, 1)  # a writable copy of the box
             out = F2.resize(box, self.size, interpolation=self.interpolation, antialias=True)
         if torch.rand(1) < self.flip_p:
             out = out.flip(-1)
