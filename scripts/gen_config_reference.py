@@ -82,7 +82,8 @@ INTRO = """\
      Regenerate with `python {gen}`; CI runs `python {gen} --check`. -->
 
 A run is described by one typed tree of settings (`promptdml/config.py`) with the sections `data`,
-`model` (with `model.backbone`, `model.prompts`, `model.proxy`, `model.adapter`, `model.lora`),
+`model` (with `model.backbone`, `model.prompts`, `model.proxy`, `model.adapter`, `model.lora`,
+`model.class_prompts`),
 `loss`, `optim`, `eval` and `train`. A shipped config or your own YAML file sets some keys, the
 command line can override any key, and every other key keeps the default listed below. The resolved
 tree is saved as `config.yaml` in the run directory. How the keys map to the parts of the method:

@@ -39,6 +39,7 @@ Normalization = Literal["standard", "authors"]
 OptimizerName = Literal["sgd", "adamw"]
 SchedulerName = Literal["cosine", "constant"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+ClassPromptSource = Literal["table", "lowrank", "generated"]
 
 
 @dataclass
@@ -230,12 +231,49 @@ class LoRAConfig:
 
 
 @dataclass
+class ClassPromptConfig:
+    """Where the class prompts of the semantic proxy path come from (docs/method.md, "Class prompts at scale")."""
+
+    source: ClassPromptSource = "table"
+    """table (one free prompt set per class: C x T x D parameters, the paper's; T = class prompts summed over
+    the blocks) | lowrank (per-class codes [C, rank] times shared bases [rank, T x D]: C x rank + rank x T x D)
+    | generated (a small network maps each class's mean frozen-backbone feature to its prompts: no per-class
+    parameters)"""
+    rank: int = 16
+    """lowrank: length of each class's code; generated: rank of the optional per-class residual."""
+    hidden: int = 256
+    """generated: hidden width of the prompt generator LayerNorm(F) -> Linear(F, hidden) -> GELU ->
+    Linear(hidden, T x D)."""
+    generated_residual: bool = False
+    """generated: add a per-class low-rank residual (codes [C, rank] times a basis [rank, T x D], the basis
+    zero-initialised) to the generated prompts."""
+    center_descriptors: bool = True
+    """generated: subtract the mean over the training classes from the class descriptors (each class's mean
+    frozen-backbone feature), so that they keep what tells the classes apart rather than the domain's common
+    direction."""
+
+    def validate(self, cfg: Config) -> None:
+        """Check this section's values; the memory bank holds only the table source's rows."""
+        _at_least(("model.class_prompts.rank", self.rank, 1), ("model.class_prompts.hidden", self.hidden, 1))
+        if self.source != "table" and cfg.model.memory_bank == "on":
+            raise ConfigError(
+                f"model.memory_bank=on keeps the class-prompt table on the CPU, but model.class_prompts.source="
+                f"{self.source} has no table to keep there (its parameters are trained on the device like the "
+                f"others). Set model.memory_bank=off (or auto), or model.class_prompts.source=table.")
+        if self.generated_residual and self.source != "generated":
+            raise ConfigError(f"model.class_prompts.generated_residual applies to source=generated only, not "
+                              f"source={self.source}; set model.class_prompts.generated_residual=false or "
+                              f"model.class_prompts.source=generated.")
+
+
+@dataclass
 class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    class_prompts: ClassPromptConfig = field(default_factory=ClassPromptConfig)
     embed_dim: int = 384
     """Embedding size E of the embedding head (and of the proxy head)."""
     head_init: HeadInit = "xavier"
@@ -256,13 +294,14 @@ class ModelConfig:
     memory_bank: str = "auto"
     """auto | on | off: keep the class-prompt table and its optimiser state on the CPU and move only the
     batch's rows to the device each step. auto = on when the number of training classes is at least
-    memory_bank_threshold. Results are identical either way (row-wise optimiser, see models/memory_bank.py)."""
+    memory_bank_threshold. Results are identical either way (row-wise optimiser, see models/memory_bank.py).
+    Only for model.class_prompts.source=table (auto is off for the other sources, on is an error)."""
     memory_bank_threshold: int = 1000
     """Number of training classes from which memory_bank=auto turns the bank on."""
 
     def validate(self, cfg: Config) -> None:
         """Check the subsections (in declaration order), then this section's own values."""
-        for section in (self.backbone, self.prompts, self.proxy, self.adapter, self.lora):
+        for section in (self.backbone, self.prompts, self.proxy, self.adapter, self.lora, self.class_prompts):
             section.validate(cfg)
         if self.embed_dim < 1:
             raise ConfigError("model.embed_dim must be >= 1")

@@ -76,8 +76,12 @@ TUNERS = Registry("tuner")
 """Parameter-efficient tuners: name -> :class:`promptdml.models.tuners.Tuner` (registered by that module)."""
 
 CLASS_PROMPT_SOURCES = Registry("class-prompt source")
-"""Where the class prompts come from: name -> ``build(num_classes, counts, dim, memory_bank) -> nn.Module``."""
+"""Where the class prompts come from (``model.class_prompts.source``): name -> ``build(num_classes, counts,
+dim, memory_bank=..., cfg=ClassPromptConfig, feature_dim=...) -> nn.Module`` whose ``forward(labels)`` gives
+each block's prompts ``[B, m_i, D]`` (None where m_i = 0)."""
 CLASS_PROMPT_SOURCES.register("table", "promptdml.models.prompts:ClassPrompts")
+CLASS_PROMPT_SOURCES.register("lowrank", "promptdml.models.class_prompt_sources:LowRankClassPrompts")
+CLASS_PROMPT_SOURCES.register("generated", "promptdml.models.class_prompt_sources:GeneratedClassPrompts")
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,9 @@ def build_parts(cfg: Config, splits: Splits | None = None, run_dir: Path | None 
     if resume:  # every rank reads checkpoints/last.pt (a shared file system across nodes)
         state = load_resume_state(run_dir)
         check_resume(state, fingerprint, run_dir, train.num_classes, resume_anyway)
+        missing = [n for n, _ in class_feature_buffers(model) if n not in state["model"]]
+        if missing and init_class_features(model, splits, cfg, device, dtype, dist):  # saved by an older run
+            state["model"].update((n, b.detach().cpu().clone()) for n, b in class_feature_buffers(model))
     callbacks: list[Callback] = [ReplicaSync(model.proxies.bias, optimizers[1])] if dist.enabled else []
     if dist.is_main and not dry:
         callbacks += [RunDirWriter(run_dir, cfg, resumed=resume), Checkpoints(fingerprint)]
@@ -191,13 +194,39 @@ def build_parts(cfg: Config, splits: Splits | None = None, run_dir: Path | None 
                       run_dir=run_dir, echo=echo, callbacks=callbacks, grad_sync=sync, resume_state=state, lock=lock)
 
 
+def class_feature_buffers(model: PromptDMLModel) -> list[tuple[str, torch.Tensor]]:
+    """The class-prompt source's buffers set from the class-mean frozen features (``generated``: its
+    descriptors), by their names in ``trainable_state``; empty for the other sources."""
+    source = getattr(model, "class_prompts", None)
+    if not (model.semantic and getattr(source, "wants_class_features", False)):
+        return []
+    return list(source.named_buffers(prefix="class_prompts"))
+
+
+def init_class_features(model: PromptDMLModel, splits: Splits, cfg: Config, device: torch.device,
+                        dtype: torch.dtype | None, dist: DistContext = SINGLE) -> bool:
+    """Give a class-prompt source that wants them (``wants_class_features``) each training class's mean
+    frozen-backbone feature (the plain backbone, no prompts, no head; one pass over the training images, the
+    evaluator's ``frozen_features``). Returns whether it did."""
+    if not class_feature_buffers(model):
+        return False
+    train = splits.train
+    with torch.random.fork_rng(devices=[]):  # the data loader draws a seed: keep the run's random stream
+        feats = embed_records(model, train, cfg, device, dtype, desc="init class descriptors", dist=dist,
+                              frozen_features=True, normalize=False)
+    model.class_prompts.set_class_features(class_means(feats, torch.as_tensor(train.labels), train.num_classes))
+    return True
+
+
 def init_from_data(model: PromptDMLModel, splits: Splits, cfg: Config, device: torch.device,
                    dtype: torch.dtype | None, dist: DistContext = SINGLE, echo: Callable[[str], None] = print) -> None:
     """Data-dependent initialisation before the first step, from one pass of the initial model over the
-    training images per branch: ``model.head_init=centered`` shifts a head's LayerNorm bias so that the
-    normalised features (hence the embeddings before L2 normalisation) average zero;
+    training images per branch: the ``generated`` class-prompt source's descriptors first
+    (:func:`init_class_features`), then ``model.head_init=centered`` shifts a head's LayerNorm bias so that
+    the normalised features (hence the embeddings before L2 normalisation) average zero;
     ``proxy.bias_init=class_mean`` (``proxy.container_init=class_mean``) starts each class's proxy bias
     (container row) at the class's mean embedding (proxy-branch feature)."""
+    described = init_class_features(model, splits, cfg, device, dtype, dist)
     m, p = cfg.model, cfg.model.proxy
     center = m.head_init == "centered"
     todo = {"embedding": (model.embed_head, p.bias_init == "class_mean"),
@@ -221,6 +250,7 @@ def init_from_data(model: PromptDMLModel, splits: Splits, cfg: Config, device: t
             means[branch] = class_means(torch.nn.functional.normalize(z, dim=-1), labels, train.num_classes)
     if means:
         model.proxies.init_from_class_means(means.get("embedding"), means.get("proxy"))
-    done = (["heads centred"] if center else []) + [f"{b} class means" for b in means]
+    done = (["class descriptors"] if described else []) + (["heads centred"] if center else [])
+    done += [f"{b} class means" for b in means]
     if done:
         echo("initialised from the training images: " + ", ".join(done))

@@ -16,7 +16,10 @@ def method_name(m: ModelConfig) -> str:
     enabled tuners' labels (``models/tuners.py``), the head and the proxies."""
     from promptdml.models.tuners import method_parts
 
-    parts = method_parts(m) + ["head", "semantic proxies" if m.proxy.semantic else "plain proxies"]
+    semantic = "semantic proxies"
+    if m.class_prompts.source != "table":
+        semantic += f" from {m.class_prompts.source} class prompts"
+    parts = method_parts(m) + ["head", semantic if m.proxy.semantic else "plain proxies"]
     name = " + ".join(parts)
     return f"VPTSP-G ({name})" if m.proxy.semantic else name
 

@@ -36,7 +36,8 @@ class PromptDMLModel(nn.Module):
     The same class builds the baselines from its config: no prompts (``num_prompt=0``), VPT-shallow
     (``prompt_depth=1``), plain proxies (``proxy.semantic=False``), BitFit on/off, parallel adapters
     (``adapter.bottleneck>0``), LoRA on qkv (``lora.rank>0``) and full fine-tuning (``full_finetune``).
-    With the memory bank (``memory_bank``) the class-prompt table stays on the CPU.
+    With the memory bank (``memory_bank``) the class-prompt table stays on the CPU. The class prompts come from
+    the registered source ``model.class_prompts.source`` (``table``, ``lowrank``, ``generated``).
     """
 
     def __init__(self, cfg: ModelConfig, num_classes: int, backbone: nn.Module | None = None) -> None:
@@ -60,13 +61,14 @@ class PromptDMLModel(nn.Module):
         for tuner in [t for t in self.tuners if not t.before_heads]:
             self._attach(tuner, site)
         self.semantic = cfg.proxy.semantic
-        self.memory_bank = self.semantic and (
+        self.memory_bank = self.semantic and cfg.class_prompts.source == "table" and (
             cfg.memory_bank == "on" or (cfg.memory_bank == "auto" and num_classes >= cfg.memory_bank_threshold))
         if self.semantic:
             p = cfg.prompts
             counts = prompt_counts(p.num_p_prompt, p.p_prompt_depth, p.prompt_p_block_step, depth)
-            source = CLASS_PROMPT_SOURCES.get("table")
-            self.class_prompts = source(num_classes, counts, width, memory_bank=self.memory_bank)
+            source = CLASS_PROMPT_SOURCES.get(cfg.class_prompts.source)
+            self.class_prompts = source(num_classes, counts, width, memory_bank=self.memory_bank,
+                                        cfg=cfg.class_prompts, feature_dim=self.backbone.feature_dim)
             self.proxy_head = EmbeddingHead(self.backbone.feature_dim, cfg.embed_dim, cfg.center_features)
         self.proxies = SemanticProxies(num_classes, cfg.embed_dim, cfg.proxy)
 
@@ -141,22 +143,30 @@ class PromptDMLModel(nn.Module):
 
     # ---------------------------------------------------------------------------------------------
     def row_placements(self) -> list:
-        """Placements of the row tables trained with lazy row semantics (the class-prompt table)."""
-        return [self.class_prompts.placement] if self.semantic else []
+        """Placements of the row tables trained with lazy row semantics (the ``table`` source's class prompts;
+        the other sources' parameters are dense)."""
+        place = getattr(self.class_prompts, "placement", None) if self.semantic else None
+        return [] if place is None else [place]
 
     def trainable_groups(self) -> OrderedDict[str, list[tuple[str, nn.Parameter]]]:
         """Trainable parameters by owner (each can receive a gradient): each enabled tuner's module (a tuner
         without one, BitFit or full fine-tuning, owns the backbone's trainable parameters no module claims),
         then the heads, class prompts, container GRU and proxy bias. With the memory bank the
-        ``class_prompts`` entry is the CPU table (a plain tensor, not a registered parameter)."""
+        ``class_prompts`` entry is the CPU table (a plain tensor, not a registered parameter). A class-prompt
+        source with ``parameter_groups`` names its own groups (``class_codes``, ``prompt_bases``,
+        ``prompt_generator``) in place of ``class_prompts``."""
         def own(prefix: str, module: nn.Module | None) -> list[tuple[str, nn.Parameter]]:
             return [] if module is None else list(module.named_parameters(prefix=prefix))
 
         # (group, its parameters); None: a tuner without a module, owning the backbone's remaining trainables
         parts = [(t.group_name, own(t.owner, m) if (m := getattr(self, t.owner, None)) is not None else None)
                  for t in self.tuners]
-        parts += [("embed_head", own("embed_head", self.embed_head)),
-                  ("class_prompts", own("class_prompts", getattr(self, "class_prompts", None))),
+        source = getattr(self, "class_prompts", None)
+        if hasattr(source, "parameter_groups"):
+            class_parts = source.parameter_groups("class_prompts.")
+        else:
+            class_parts = [("class_prompts", own("class_prompts", source))]
+        parts += [("embed_head", own("embed_head", self.embed_head)), *class_parts,
                   ("proxy_head", own("proxy_head", getattr(self, "proxy_head", None))),
                   ("container_gru", own("proxies.gru", self.proxies.gru)),
                   ("proxy_bias", [("proxies.bias", self.proxies.bias)])]
@@ -186,12 +196,14 @@ class PromptDMLModel(nn.Module):
 
     def trainable_state(self) -> OrderedDict[str, torch.Tensor]:
         """What a checkpoint stores: trainable parameters (including the memory bank's CPU table, under the
-        same name as without the bank) and the proxy container."""
+        same name as without the bank), the proxy container and the class-prompt source's buffers (the
+        ``generated`` source's class descriptors)."""
         state = OrderedDict((n, p.detach()) for n, p in self.named_parameters() if p.requires_grad)
         if self.memory_bank:
             state["class_prompts.table"] = self.class_prompts.table
         if self.semantic:
             state["proxies.container"] = self.proxies.container
+            state.update(self.class_prompts.named_buffers(prefix="class_prompts"))
         state.update((n, b) for n, b in self.named_buffers() if n.endswith("head.running_mean"))
         return state
 
@@ -251,6 +263,9 @@ def format_parameter_report(model: PromptDMLModel) -> str:
     lines = [f"{'group':<16}{'params':>12}{'% of backbone':>16}"]
     for g in model.trainable_groups():
         lines.append(f"{g:<16}{c[g]:>12,}{100 * c[g] / c['backbone']:>15.3f}%")
+    describe = getattr(getattr(model, "class_prompts", None), "describe", None) if model.semantic else None
+    if describe is not None:
+        lines.append(f"class prompts: {describe()}")
     if model.memory_bank:
         lines.append("memory bank: on (class-prompt table and its optimiser state on the CPU)")
     lines.append(f"trainable params: {c['trainable']:,} || all params: {c['all']:,} || "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -54,7 +55,9 @@ class ClassPrompts(nn.Module):
       device as the leaf tensor :attr:`rows` ``[b, T, D]`` that receives the gradient.
     """
 
-    def __init__(self, num_classes: int, counts: list[int], dim: int, memory_bank: bool = False) -> None:
+    def __init__(self, num_classes: int, counts: list[int], dim: int, memory_bank: bool = False,
+                 cfg: Any = None, feature_dim: int | None = None) -> None:
+        # cfg (the ClassPromptConfig) and feature_dim: the source interface's other arguments, unused here
         super().__init__()
         self.counts = list(counts)
         self.offsets = [sum(counts[:i]) for i in range(len(counts))]
