@@ -29,16 +29,11 @@ class TrainOutput:
 class PromptDMLModel(nn.Module):
     """VPTSP-G: ``forward(images)`` gives embeddings; ``forward_train`` also gives the proxies.
 
-    Only what the enabled tuners own (``models/tuners.py``: shared prompts, BitFit biases, adapters, LoRA, the
-    full backbone), the heads, the container GRU, the class prompts and the proxy bias are trainable; every
-    other backbone weight is frozen and the backbone stays in eval mode.
-
-    The same class builds the baselines from its config: no prompts (``num_prompt=0``), VPT-shallow
-    (``prompt_depth=1``), plain proxies (``proxy.semantic=False``), BitFit on/off, parallel adapters
-    (``adapter.bottleneck>0``), LoRA on qkv (``lora.rank>0``) and full fine-tuning (``full_finetune``).
-    With the memory bank (``memory_bank``) the class-prompt table stays on the CPU. The class prompts come from
-    the registered source ``model.class_prompts.source`` (``table``, ``lowrank``, ``generated``).
-    """
+    Trainable: what the enabled tuners own (``models/tuners.py``: shared prompts, BitFit, adapters, LoRA, the full
+    backbone), the heads, the container GRU, the class prompts (source ``model.class_prompts.source``; the memory
+    bank keeps a table on the CPU) and the proxy bias; the rest is frozen, the backbone stays in eval mode.
+    The baselines come from the config: no prompts, VPT-shallow, plain proxies (``proxy.semantic=False``),
+    BitFit on/off, adapters, LoRA on qkv, full fine-tuning."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int, backbone: nn.Module | None = None) -> None:
         super().__init__()
@@ -143,18 +138,15 @@ class PromptDMLModel(nn.Module):
 
     # ---------------------------------------------------------------------------------------------
     def row_placements(self) -> list:
-        """Placements of the row tables trained with lazy row semantics (the ``table`` source's class prompts;
-        the other sources' parameters are dense)."""
+        """Placements of the row tables trained with lazy row semantics (the ``table`` source's rows)."""
         place = getattr(self.class_prompts, "placement", None) if self.semantic else None
         return [] if place is None else [place]
 
     def trainable_groups(self) -> OrderedDict[str, list[tuple[str, nn.Parameter]]]:
         """Trainable parameters by owner (each can receive a gradient): each enabled tuner's module (a tuner
         without one, BitFit or full fine-tuning, owns the backbone's trainable parameters no module claims),
-        then the heads, class prompts, container GRU and proxy bias. With the memory bank the
-        ``class_prompts`` entry is the CPU table (a plain tensor, not a registered parameter). A class-prompt
-        source with ``parameter_groups`` names its own groups (``class_codes``, ``prompt_bases``,
-        ``prompt_generator``) in place of ``class_prompts``."""
+        then the heads, the class-prompt source's groups (its ``parameter_groups``), container GRU and proxy
+        bias. With the memory bank the ``class_prompts`` entry is the CPU table (a plain tensor)."""
         def own(prefix: str, module: nn.Module | None) -> list[tuple[str, nn.Parameter]]:
             return [] if module is None else list(module.named_parameters(prefix=prefix))
 
@@ -162,10 +154,7 @@ class PromptDMLModel(nn.Module):
         parts = [(t.group_name, own(t.owner, m) if (m := getattr(self, t.owner, None)) is not None else None)
                  for t in self.tuners]
         source = getattr(self, "class_prompts", None)
-        if hasattr(source, "parameter_groups"):
-            class_parts = source.parameter_groups("class_prompts.")
-        else:
-            class_parts = [("class_prompts", own("class_prompts", source))]
+        class_parts = [] if source is None else source.parameter_groups("class_prompts.")
         parts += [("embed_head", own("embed_head", self.embed_head)), *class_parts,
                   ("proxy_head", own("proxy_head", getattr(self, "proxy_head", None))),
                   ("container_gru", own("proxies.gru", self.proxies.gru)),
@@ -195,9 +184,8 @@ class PromptDMLModel(nn.Module):
         return [p for t in self.tuners if t.touches_backbone for _, p in groups.get(t.group_name, [])]
 
     def trainable_state(self) -> OrderedDict[str, torch.Tensor]:
-        """What a checkpoint stores: trainable parameters (including the memory bank's CPU table, under the
-        same name as without the bank), the proxy container and the class-prompt source's buffers (the
-        ``generated`` source's class descriptors)."""
+        """What a checkpoint stores: trainable parameters (the memory bank's CPU table under the same name), the
+        proxy container and the class-prompt source's buffers (``generated``: the class descriptors)."""
         state = OrderedDict((n, p.detach()) for n, p in self.named_parameters() if p.requires_grad)
         if self.memory_bank:
             state["class_prompts.table"] = self.class_prompts.table

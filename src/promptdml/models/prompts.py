@@ -82,6 +82,10 @@ class ClassPrompts(nn.Module):
         p = self.placement
         return p.holder if p.memory_bank and p.index is not None else None
 
+    def parameter_groups(self, prefix: str = "") -> list[tuple[str, list[tuple[str, nn.Parameter]]]]:
+        """The groups of ``promptdml info``: the table (registered only without the memory bank)."""
+        return [("class_prompts", list(self.named_parameters(prefix=prefix.rstrip("."))))]
+
     def forward(self, labels: torch.Tensor) -> list[torch.Tensor | None]:
         """Per-block prompts ``[B, m_i, D]`` of each sample's class."""
         per_sample = self.placement.lookup(labels)
