@@ -215,7 +215,7 @@ def main(argv=None) -> None:
         f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), faiss {faiss.__version__}. "
         f"All steps in one process; floor and suite are the minimum of {args.repeats} run(s) each, the others "
-        "one run (the machine was shared with other jobs, so absolute times are noisy).",
+        "one run (absolute times vary with the load of these shared cores; the ratios are measured in one process).",
         "",
         "| step | time (s) | x floor | peak extra RSS (MiB) | metrics |",
         "|---|---:|---:|---:|---|",
@@ -231,7 +231,7 @@ def main(argv=None) -> None:
         f"{'met' if m_fast < 2**30 else 'NOT met'}). Queries that needed more candidates: {stats.get('wider', 0)}, "
         f"the full fp32 row: {stats.get('fp32_rows', 0)}; Recall@K ranks counted outside the candidates: "
         f"{stats.get('rank_count_rows', 0)} queries ({stats.get('band_pairs', 0)} pairs re-scored in the "
-        f"uncertain band). Load average at the end of the run: {load:.1f} (shared machine).",
+        f"uncertain band). Load average at the end of the run: {load:.1f}.",
         "",
         f"Targets: suite <= 1.3x floor ({t_suite / t_floor:.2f}x: {'met' if t_suite <= 1.3 * t_floor else 'NOT met'}), "
         + (
