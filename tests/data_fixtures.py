@@ -39,6 +39,15 @@ def write_image(path: Path | str, size: tuple[int, int] = (12, 10), mode: str = 
     return path
 
 
+def write_seeded_classes(root: Path, classes: int = 12, per_class: int = 4) -> Path:
+    """``root/cXX/NNN.png``: pixels seeded by the relative name, not the temporary path, so every run (and every
+    process of a distributed test) sees the same images and float summation-order comparisons are stable."""
+    for i in range(classes):
+        for j in range(per_class):
+            write_image(root / f"c{i:02d}" / f"{j:03d}.png", seed=zlib.crc32(f"c{i:02d}/{j}".encode()))
+    return root
+
+
 def write_garbage(path: Path | str, data: bytes = b"this is not an image\n" * 4) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 import shutil
-import zlib
 
 import pytest
 import torch
 from conftest import tiny_config
-from data_fixtures import write_image
+from data_fixtures import write_seeded_classes
 from test_distributed import _assert_same, _load, _overrides, launch
 from test_engine import _cfg, _quiet
 
@@ -39,12 +38,7 @@ def _single_process_env(monkeypatch):
 
 @pytest.fixture
 def data_root(tmp_path):
-    # pixels seeded by the relative name: the same images in every run (as in tests/test_distributed.py)
-    root = tmp_path / "imgs"
-    for i in range(12):
-        for j in range(4):
-            write_image(root / f"c{i:02d}" / f"{j:03d}.png", seed=zlib.crc32(f"c{i:02d}/{j}".encode()))
-    return root
+    return write_seeded_classes(tmp_path / "imgs")
 
 
 SOURCES = {"lowrank": {"model.class_prompts.source": "lowrank", "model.class_prompts.rank": 4},

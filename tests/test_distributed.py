@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import torch
@@ -125,7 +124,7 @@ if __name__ == "__main__":
 # ------------------------------------------------------------------------------------------------ tests
 import pytest  # noqa: E402
 from conftest import tiny_config  # noqa: E402
-from data_fixtures import write_image  # noqa: E402
+from data_fixtures import write_seeded_classes  # noqa: E402
 
 from promptdml.engine import Trainer  # noqa: E402
 from promptdml.engine.state import LAST, RESUME_DIR  # noqa: E402
@@ -139,13 +138,7 @@ def _single_process_env(monkeypatch):
 
 @pytest.fixture
 def data_root(tmp_path):
-    # pixels seeded by the relative name, not the temporary path: the same images in every run, so the
-    # float summation-order differences compared below do not change from run to run
-    root = tmp_path / "imgs"
-    for i in range(12):
-        for j in range(4):
-            write_image(root / f"c{i:02d}" / f"{j:03d}.png", seed=zlib.crc32(f"c{i:02d}/{j}".encode()))
-    return root
+    return write_seeded_classes(tmp_path / "imgs")
 
 
 def _overrides(root, out, **extra) -> dict:
