@@ -43,3 +43,18 @@ def tiny_config(weights: str, **overrides) -> Config:
 @pytest.fixture
 def tiny_cfg(tiny_weights) -> Config:
     return tiny_config(tiny_weights)
+
+
+@pytest.fixture
+def single_process_env(monkeypatch):
+    """No torchrun variables in the environment: a Trainer built here runs as one process."""
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture
+def seeded_data_root(tmp_path):
+    """12 classes x 4 images whose pixels depend only on their relative names (data_fixtures.write_seeded_classes)."""
+    from data_fixtures import write_seeded_classes
+
+    return write_seeded_classes(tmp_path / "imgs")

@@ -8,7 +8,6 @@ import shutil
 import pytest
 import torch
 from conftest import tiny_config
-from data_fixtures import write_seeded_classes
 from test_distributed import _assert_same, _load, _overrides, launch
 from test_engine import _cfg, _quiet
 
@@ -30,15 +29,7 @@ COUNTS = [2, 2]  # tiny_config: num_p_prompt 2 in both blocks
 T = sum(COUNTS)
 
 
-@pytest.fixture(autouse=True)
-def _single_process_env(monkeypatch):
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
-
-
-@pytest.fixture
-def data_root(tmp_path):
-    return write_seeded_classes(tmp_path / "imgs")
+pytestmark = pytest.mark.usefixtures("single_process_env")
 
 
 SOURCES = {"lowrank": {"model.class_prompts.source": "lowrank", "model.class_prompts.rank": 4},
@@ -85,8 +76,8 @@ def test_zero_class_prompts_give_none_per_block(tiny_weights):
 
 @pytest.mark.parametrize("source,precision", [("lowrank", "bf16"), ("generated_residual", "bf16"),
                                               ("generated", "fp16")])
-def test_autocast_and_gradient_checkpointing_train(tiny_weights, data_root, tmp_path, source, precision):
-    cfg = _cfg(tiny_weights, data_root, tmp_path, **SOURCES[source], **{
+def test_autocast_and_gradient_checkpointing_train(tiny_weights, seeded_data_root, tmp_path, source, precision):
+    cfg = _cfg(tiny_weights, seeded_data_root, tmp_path, **SOURCES[source], **{
         "train.precision": precision, "model.backbone.grad_checkpointing": True, "train.epochs": 1,
         "train.deterministic": False})
     trainer = Trainer(cfg, echo=_quiet)
@@ -196,10 +187,10 @@ def test_generated_prompts_follow_the_descriptor_and_cover_unseen_classes(tiny_w
         assert not torch.equal(a[4], m[4]) and torch.isfinite(m[4]).all()
 
 
-def test_generated_descriptors_are_the_class_mean_frozen_features(tiny_weights, data_root, tmp_path):
+def test_generated_descriptors_are_the_class_mean_frozen_features(tiny_weights, seeded_data_root, tmp_path):
     from promptdml.engine.evaluator import class_means, embed_records
 
-    cfg = _cfg(tiny_weights, data_root, tmp_path, **SOURCES["generated"])
+    cfg = _cfg(tiny_weights, seeded_data_root, tmp_path, **SOURCES["generated"])
     trainer = Trainer(cfg, echo=_quiet)
     train = trainer.splits.train
     feats = embed_records(trainer.model, train, cfg, trainer.device, trainer.dtype, frozen_features=True,
@@ -238,11 +229,11 @@ def test_trainable_checkpoint_round_trip(tiny_weights, tmp_path, source):
 
 
 @pytest.mark.parametrize("source", ["lowrank", "generated"])
-def test_resume_is_bitwise_identical(tiny_weights, data_root, tmp_path, source):
+def test_resume_is_bitwise_identical(tiny_weights, seeded_data_root, tmp_path, source):
     over = SOURCES[source]
-    straight = Trainer(_cfg(tiny_weights, data_root, tmp_path / "a", **over), echo=_quiet)
+    straight = Trainer(_cfg(tiny_weights, seeded_data_root, tmp_path / "a", **over), echo=_quiet)
     result = straight.fit()
-    first = Trainer(_cfg(tiny_weights, data_root, tmp_path / "b", **over), echo=_quiet)
+    first = Trainer(_cfg(tiny_weights, seeded_data_root, tmp_path / "b", **over), echo=_quiet)
     first._end_epoch(first._train_epoch())  # one epoch, then the process "stops"
     del first
     runs = [tmp_path / "b" / "r"]
@@ -254,7 +245,7 @@ def test_resume_is_bitwise_identical(tiny_weights, data_root, tmp_path, source):
         torch.save(state, runs[1] / RESUME_DIR / LAST)
     sa = straight.model.trainable_state()
     for run in runs:
-        resumed = Trainer(_cfg(tiny_weights, data_root, run.parent, **over), run_dir=run, echo=_quiet, resume=True)
+        resumed = Trainer(_cfg(tiny_weights, seeded_data_root, run.parent, **over), run_dir=run, echo=_quiet, resume=True)
         assert resumed.epoch == 1
         result_b = resumed.fit()
         sb = resumed.model.trainable_state()
@@ -266,8 +257,8 @@ def test_resume_is_bitwise_identical(tiny_weights, data_root, tmp_path, source):
 
 
 # -------------------------------------------------------------------------------------------------- DDP
-def test_two_processes_equal_one_process_generated(tiny_weights, data_root, tmp_path):
-    o = _overrides(data_root, tmp_path / "runs", **{"optim.optimizer": "sgd",
+def test_two_processes_equal_one_process_generated(tiny_weights, seeded_data_root, tmp_path):
+    o = _overrides(seeded_data_root, tmp_path / "runs", **{"optim.optimizer": "sgd",
                                                    **SOURCES["generated_residual"]})
     launch(tmp_path, tiny_weights, [{"kind": "steps", "name": "steps", "overrides": o}])
     ranks = _load(tmp_path, "steps")

@@ -124,21 +124,11 @@ if __name__ == "__main__":
 # ------------------------------------------------------------------------------------------------ tests
 import pytest  # noqa: E402
 from conftest import tiny_config  # noqa: E402
-from data_fixtures import write_seeded_classes  # noqa: E402
 
 from promptdml.engine import Trainer  # noqa: E402
 from promptdml.engine.state import LAST, RESUME_DIR  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _single_process_env(monkeypatch):
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
-
-
-@pytest.fixture
-def data_root(tmp_path):
-    return write_seeded_classes(tmp_path / "imgs")
+pytestmark = pytest.mark.usefixtures("single_process_env")
 
 
 def _overrides(root, out, **extra) -> dict:
@@ -173,8 +163,8 @@ def _assert_same(a: dict, b: dict, atol: float = 1e-5, noisy: float = 0.0) -> No
     ("off", {"optim.optimizer": "sgd", "optim.grad_clip": 0.5, "loss.proxy_range": "in_batch"}),
     ("on", {"model.bitfit": False}),
 ])
-def test_two_processes_equal_one_process(tiny_weights, data_root, tmp_path, bank, extra):
-    o = _overrides(data_root, tmp_path / "runs", **{"model.memory_bank": bank, **extra})
+def test_two_processes_equal_one_process(tiny_weights, seeded_data_root, tmp_path, bank, extra):
+    o = _overrides(seeded_data_root, tmp_path / "runs", **{"model.memory_bank": bank, **extra})
     launch(tmp_path, tiny_weights, [{"kind": "steps", "name": "steps", "overrides": o}])
     ranks = _load(tmp_path, "steps")
 
@@ -201,8 +191,8 @@ def test_two_processes_equal_one_process(tiny_weights, data_root, tmp_path, bank
     assert t["class_prompts/grads"]["sent"] + t["class_prompts/grads"]["received"] == 3 * 4 * row_bytes
 
 
-def test_checkpoint_by_rank0_and_resume_continues_identically(tiny_weights, data_root, tmp_path):
-    o = _overrides(data_root, tmp_path / "runs", **{"train.epochs": 2, "model.memory_bank": "on"})
+def test_checkpoint_by_rank0_and_resume_continues_identically(tiny_weights, seeded_data_root, tmp_path):
+    o = _overrides(seeded_data_root, tmp_path / "runs", **{"train.epochs": 2, "model.memory_bank": "on"})
     straight = {**o, "train.run_name": "straight"}
     logs = launch(tmp_path, tiny_weights, [{"kind": "fit", "name": "straight", "overrides": straight},
                                            {"kind": "epoch", "name": "half", "overrides": o}])
@@ -229,8 +219,8 @@ def test_checkpoint_by_rank0_and_resume_continues_identically(tiny_weights, data
         assert b[r]["global_step"] == 6
 
 
-def test_distributed_evaluation_equals_single_process(tiny_weights, data_root, tmp_path):
-    o = _overrides(data_root, tmp_path / "runs")
+def test_distributed_evaluation_equals_single_process(tiny_weights, seeded_data_root, tmp_path):
+    o = _overrides(seeded_data_root, tmp_path / "runs")
     launch(tmp_path, tiny_weights, [{"kind": "eval", "name": "eval", "overrides": o}])
     ranks = _load(tmp_path, "eval")
     torch.set_num_threads(1)
