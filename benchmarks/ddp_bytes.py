@@ -40,8 +40,11 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
+    table = args.source == "table"
     cfg = load_config(CONFIG, {
-        "model.backbone.pretrained": False, "model.backbone.img_size": args.img_size, "model.memory_bank": "on",
+        "model.backbone.pretrained": False, "model.backbone.img_size": args.img_size,
+        "model.class_prompts.source": args.source, "model.memory_bank": "on" if table else "off",
+        "model.class_prompts.rank": args.cp_rank, "model.class_prompts.hidden": args.cp_hidden,
         "model.backbone.grad_checkpointing": False, "data.batch_size": args.batch_size,
         "data.samples_per_class": 1, "train.precision": "fp32", "train.device": "cpu", "train.progress": False,
         "train.output_dir": args.out, "train.run_name": "ddp_bytes", "train.tensorboard": False,
@@ -60,12 +63,14 @@ def worker(args: argparse.Namespace) -> None:
         sl = slice(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
         trainer.train_step(images[sl], classes[sl])
     model = trainer.model
-    table = model.class_prompts.table
     dense = sum(p.numel() for p in trainer.grad_sync.dense) if trainer.grad_sync else 0
     dense_tensors = len(trainer.grad_sync.dense) if trainer.grad_sync else 0
     out = {"rank": rank, "world_size": ctx.world_size, "steps": args.steps, "traffic": ctx.traffic.as_dict(),
-           "table_shape": list(table.shape), "dense_params": dense, "dense_tensors": dense_tensors, "proxy_bias_numel": model.proxies.bias.numel(),
-           "row_opt_state": sorted(trainer.optimizers[-1].state[model.class_prompts.placement.holder]), "torch": torch.__version__}
+           "source": args.source, "dense_params": dense, "dense_tensors": dense_tensors,
+           "proxy_bias_numel": model.proxies.bias.numel(), "classes": c, "torch": torch.__version__}
+    if table:
+        out["table_shape"] = list(model.class_prompts.table.shape)
+        out["row_opt_state"] = sorted(trainer.optimizers[-1].state[model.class_prompts.placement.holder])
     trainer.close()
     if rank == 0:
         print("RESULT " + json.dumps(out), flush=True)
@@ -80,7 +85,8 @@ def launch(args: argparse.Namespace) -> dict:
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(args.ranks),
                "LOCAL_WORLD_SIZE": str(args.ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-        cmd = [sys.executable, __file__, "--worker", "--classes", str(args.classes), "--img-size",
+        cmd = [sys.executable, __file__, "--worker", "--source", args.source, "--cp-rank", str(args.cp_rank),
+               "--cp-hidden", str(args.cp_hidden), "--classes", str(args.classes), "--img-size",
                str(args.img_size), "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--out",
                args.out]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -190,7 +196,7 @@ def to_markdown(r: dict, args: argparse.Namespace) -> str:
 
 
 def args_embed(r: dict) -> int:
-    return r["proxy_bias_numel"] // r["table_shape"][0]
+    return r["proxy_bias_numel"] // r["classes"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--img-size", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--source", default="table", choices=["table", "lowrank", "generated"],
+                    help="model.class_prompts.source (the report is written for table only)")
+    ap.add_argument("--cp-rank", type=int, default=16, help="model.class_prompts.rank (lowrank)")
+    ap.add_argument("--cp-hidden", type=int, default=256, help="model.class_prompts.hidden (generated)")
     ap.add_argument("--out", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "promptdml_ddp_bytes"))
     ap.add_argument("--no-report", action="store_true")
     args = ap.parse_args(argv)
@@ -208,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
     result = launch(args)
+    if args.source != "table":
+        print(json.dumps(result, indent=1))
+        return 0
     md = to_markdown(result, args)
     print(md)
     if not args.no_report:

@@ -231,7 +231,9 @@ def main(argv=None) -> None:
         f"{'met' if m_fast < 2**30 else 'NOT met'}). Queries that needed more candidates: {stats.get('wider', 0)}, "
         f"the full fp32 row: {stats.get('fp32_rows', 0)}; Recall@K ranks counted outside the candidates: "
         f"{stats.get('rank_count_rows', 0)} queries ({stats.get('band_pairs', 0)} pairs re-scored in the "
-        f"uncertain band). Load average at the end of the run: {load:.1f}.",
+        f"uncertain band). Symmetric candidate pass (each pair computed once): "
+        f"{'yes' if stats.get('symmetric') else 'no'}, {stats.get('symmetric_found', 0):,} entries found below "
+        f"the diagonal. Load average at the end of the run: {load:.1f}.",
         "",
         f"Targets: suite <= 1.3x floor ({t_suite / t_floor:.2f}x: {'met' if t_suite <= 1.3 * t_floor else 'NOT met'}), "
         + (
@@ -243,6 +245,9 @@ def main(argv=None) -> None:
         + f"peak extra memory < 2 GiB ({m_suite / 2**30:.2f} GiB: {'met' if m_suite < 2**30 * 2 else 'NOT met'}).",
         "The fast path computes the similarity block with bf16 inputs, keeps max R + 32 candidates per query, "
         "re-scores them in fp32 and certifies them with a rigorous error bound (`promptdml.metrics.fast`). "
+        "A set against itself computes only the upper triangle of its (symmetric) similarity matrix: each row "
+        "panel gives its own rows their candidates and, read down its columns with a group-maximum filter, "
+        "the rows below the diagonal theirs. "
         "The torch paths never retrieve the 1000 neighbours: Recall@K for every K comes from the rank of the "
         "best relevant item (counted in the similarity block), and only max R + 1 items are top-k'ed for "
         "MAP@R / R-Precision.",

@@ -165,3 +165,82 @@ def test_precision_option_resolution():
     fast.LAST_STATS.clear()
     retrieval_metrics(x, y, KS, precision="fp32")
     assert fast.LAST_STATS == {}  # fp32 forces the fp32 path
+
+
+# --------------------------------------------------------------------------------------------------
+# the symmetric candidate pass (a set against itself)
+
+
+def _integer_set(n, d=24, seed=0):
+    """Small-integer vectors: every dot product is an integer of magnitude <= 216, exact in bf16 and fp16,
+    so the reduced values do not depend on the kernel's blocking and a brute-force top-k is an oracle."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-3, 4, (n, d), generator=g).float()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("n,panel,m", [(300, 64, 5), (300, 64, 40), (257, 50, 12), (130, 64, 70), (97, 16, 1)])
+def test_symmetric_candidates_are_the_top_m(precision, n, panel, m):
+    x = _integer_set(n, seed=n + m)
+    red = fast.Reduced(x, x, precision)
+    vals, idx = fast.symmetric_candidates(red, m, panel=panel)
+    full = torch.mm(red.q, red.q.T)
+    full.fill_diagonal_(float("-inf"))
+    want = torch.topk(full.float(), m, dim=1).values
+    assert vals.dtype == red.q.dtype and vals.shape == idx.shape == (n, m)
+    assert torch.equal(vals.float(), want)  # the same values, in descending order, per row
+    rows = torch.arange(n)[:, None]
+    assert torch.equal(full[rows, idx].float(), want)  # each index holds its value (no self, no stale entry)
+    assert bool((idx != rows).all())
+    assert all(len(set(r.tolist())) == m for r in idx)  # no pair twice
+
+
+def test_column_filter_matches_brute_force():
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(75, 130, generator=g).bfloat16()
+    c = big[:, 10:110]  # a non-contiguous view, rows not a multiple of the group size
+    tau = torch.randn(100, generator=g).bfloat16() + 0.8
+    tau[::7] = float("-inf")
+    tau[3::11] = 0.0
+    tau[5::13] = -0.5
+    rows, cols, vals = fast._column_filter(c, tau)
+    got = sorted(zip(rows.tolist(), cols.tolist(), strict=True))
+    want = sorted(map(tuple, (c.float() >= tau.float()).nonzero().tolist()))
+    assert got == want and len(want) > 0
+    assert torch.equal(vals, c[rows, cols])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_metrics_identical_symmetric_pass(monkeypatch, precision, seed):
+    monkeypatch.setattr(fast, "SYMMETRIC_PANEL", 96)
+    x, y = adversarial_set(n=900, seed=seed)
+    ref = retrieval_metrics(x, y, KS, precision="fp32")
+    out = retrieval_metrics(x, y, KS, precision=precision)
+    assert fast.LAST_STATS["symmetric"] == 1 and fast.LAST_STATS["symmetric_found"] > 0
+    assert_metrics_equal(out, ref)
+
+
+def test_symmetric_pass_fallbacks_exercised_and_exact(monkeypatch):
+    """No candidate margin: rows that need more candidates or the rank outside them recompute their rows."""
+    monkeypatch.setattr(fast, "SYMMETRIC_PANEL", 80)
+    monkeypatch.setattr(fast, "CANDIDATE_MARGIN", 0)
+    rng = np.random.default_rng(5)
+    x, y = adversarial_set(n=500, seed=5)
+    x[:150] = x[0] + 1e-3 * rng.standard_normal((150, x.shape[1])).astype(np.float32)  # a dense blob
+    y[:150] = np.arange(150) % 10
+    ref, out = fp32_and_fast(lambda **kw: retrieval_metrics(x, y, KS, **kw))
+    assert_metrics_equal(out, ref)
+    st = fast.LAST_STATS
+    assert st["symmetric"] == 1
+    assert st["wider"] > 0 and st["fp32_rows"] > 0 and st["rank_count_rows"] > 0 and st["band_pairs"] > 0
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_knn_identical_symmetric_pass(monkeypatch, precision):
+    monkeypatch.setattr(fast, "SYMMETRIC_PANEL", 128)
+    x, _ = adversarial_set(n=700, seed=8)
+    s0, i0 = knn_search(x, k=25, precision="fp32", backend="torch")
+    s1, i1 = knn_search(x, k=25, precision=precision, backend="torch")
+    assert fast.LAST_STATS.get("symmetric_found", 0) > 0
+    assert torch.equal(i0, i1) and torch.equal(s0, s1)

@@ -304,6 +304,14 @@ class Reduced:
             sb[r, r + s] = float("-inf")
         return sb
 
+    def rows(self, rows: torch.Tensor, exclude_self: bool) -> torch.Tensor:
+        """Reduced-precision ``[len(rows), N]`` similarities of the given query rows; self entries -inf."""
+        with _exact_accumulation(self.q.device), all_threads():
+            sb = torch.mm(self.q[rows], self.ref.T)
+        if exclude_self:
+            sb[torch.arange(rows.numel(), device=sb.device), rows] = float("-inf")
+        return sb
+
 
 @contextlib.contextmanager
 def _exact_accumulation(device: torch.device):
@@ -321,10 +329,48 @@ def _exact_accumulation(device: torch.device):
         m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = old
 
 
+class BlockSource:
+    """A chunk's reduced-precision similarities, materialised as one ``[c, N]`` block."""
+
+    def __init__(self, sb: torch.Tensor):
+        self.sb = sb
+
+    def topk(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``m`` reduced values per row (descending) and their column indices."""
+        with all_threads():
+            return torch.topk(self.sb, m, dim=1, largest=True, sorted=True)
+
+    def rows(self, b: torch.Tensor) -> torch.Tensor:
+        """The full reduced rows ``b`` (chunk-local indices)."""
+        return self.sb[b]
+
+
+class CandidateSource:
+    """A chunk's top reduced candidates from :func:`symmetric_candidates`; full rows recomputed on demand.
+
+    ``vals`` / ``idx`` are the chunk's rows of the candidate lists (descending); the few rows that need
+    more than the candidates (more candidates, or the rank of an item outside them) are recomputed as
+    reduced rows with the same kernel.
+    """
+
+    def __init__(self, vals: torch.Tensor, idx: torch.Tensor, red: Reduced, start: int, exclude_self: bool):
+        self.vals, self.idx, self.red, self.start, self.exclude_self = vals, idx, red, start, exclude_self
+
+    def topk(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if m <= self.vals.shape[1]:
+            return self.vals[:, :m], self.idx[:, :m]
+        all_rows = torch.arange(self.vals.shape[0], device=self.vals.device)
+        return BlockSource(self.rows(all_rows)).topk(m)
+
+    def rows(self, b: torch.Tensor) -> torch.Tensor:
+        return self.red.rows(b + self.start, self.exclude_self)
+
+
 def certified_topk(
-    sb: torch.Tensor, q: torch.Tensor, ref: torch.Tensor, m: int, red: Reduced, extra: torch.Tensor | None = None
+    src, q: torch.Tensor, ref: torch.Tensor, m: int, red: Reduced, extra: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Top-``m`` candidates of a reduced block, re-scored and ordered as the fp32 path orders them.
+    """Top-``m`` candidates of a chunk (a :class:`BlockSource` or :class:`CandidateSource`), re-scored and
+    ordered as the fp32 path orders them.
 
     Returns ``(sims, idx, n_cert, upper, extra_sims)``: fp32 similarities and indices sorted by
     ``(-sim, index)``, the number of leading entries that are certified exact per row, the upper
@@ -333,18 +379,17 @@ def certified_topk(
     """
     from .knn import _sort_by_sim_then_index  # noqa: PLC0415
 
-    with all_threads():
-        vals, idx = torch.topk(sb, m, dim=1, largest=True, sorted=True)
+    vals, idx = src.topk(m)
     if extra is None:
         s32, extra_sims = rescore(q, ref, idx), None
     else:
         both = rescore(q, ref, torch.cat([idx, extra], dim=1))
         s32, extra_sims = both[:, :m], both[:, m:]
     check_bound(vals, s32, red.a, red.b)
-    if m < sb.shape[1]:
+    if m < ref.shape[0]:
         upper = _upper(vals[:, -1].double(), red.a, red.b)
     else:
-        upper = torch.full((sb.shape[0],), -math.inf, dtype=torch.float64, device=sb.device)
+        upper = torch.full((vals.shape[0],), -math.inf, dtype=torch.float64, device=vals.device)
     sims, idx = _sort_by_sim_then_index(s32, idx)
     n_cert = (sims.double() > upper[:, None]).sum(1)
     return sims, idx, n_cert, upper, extra_sims
@@ -367,7 +412,7 @@ def full_rows_topk(
 
 
 def exact_topk_chunk(
-    sb: torch.Tensor, q: torch.Tensor, ref: torch.Tensor, start: int, need: torch.Tensor, width: int,
+    src, q: torch.Tensor, ref: torch.Tensor, start: int, need: torch.Tensor, width: int,
     exclude_self: bool, red: Reduced, n_avail: int, extra: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Exact fp32 top-``width`` of a chunk; rows need at least ``need[i]`` certified entries.
@@ -378,7 +423,7 @@ def exact_topk_chunk(
     (``cand_sims``, ``cand_idx``, ``upper``), the fp32 similarities of ``extra`` and fallback counts.
     """
     m = min(n_avail, width + CANDIDATE_MARGIN)
-    sims, idx, n_cert, upper, extra_sims = certified_topk(sb, q, ref, m, red, extra)
+    sims, idx, n_cert, upper, extra_sims = certified_topk(src, q, ref, m, red, extra)
     info = {"wider": 0, "fp32_rows": 0, "upper": upper, "cand_sims": sims, "cand_idx": idx,
             "extra_sims": extra_sims}
     sims, idx = sims[:, :width].clone(), idx[:, :width].clone()
@@ -386,7 +431,7 @@ def exact_topk_chunk(
     if bad.numel() and m < n_avail:
         info["wider"] = int(bad.numel())
         m2 = min(n_avail, 4 * m)
-        s2, i2, c2, _, _ = certified_topk(sb[bad], q[bad], ref, m2, red)
+        s2, i2, c2, _, _ = certified_topk(BlockSource(src.rows(bad)), q[bad], ref, m2, red)
         ok = c2 >= need[bad]
         sims[bad[ok]] = s2[ok, :width]
         idx[bad[ok]] = i2[ok, :width]
@@ -399,18 +444,140 @@ def exact_topk_chunk(
     return sims, idx, info
 
 
+# --------------------------------------------------------------------------------------------------
+# symmetric candidate pass (a set against itself)
+
+SYMMETRIC_PANEL = 2048  # rows per panel of the symmetric candidate pass
+_GROUP = 16  # rows per group maximum in the column filter
+
+
+def symmetric_candidates(red: Reduced, m: int, panel: int | None = None, bar=None, stats=None):
+    """Top-``m`` reduced similarities of every row of ``X X^T`` (self excluded), computing only the upper triangle.
+
+    A set evaluated against itself has a symmetric similarity matrix, so each pair is computed once.
+    Panels of ``panel`` rows are taken from the last to the first; panel ``I`` computes its rows against
+    every column from its own first row on (its diagonal tile and everything right of it). That gives
+
+    * the rows of ``I`` their *own* top-``m`` (``torch.topk`` on wide rows) and with it ``tau``, the
+      ``m``-th best own value: a lower bound on the row's final ``m``-th best value;
+    * the rows of every later panel ``J`` (already processed, so their ``tau`` is known) the entries of
+      their row that lie in ``I``'s columns, read down the columns of ``I``'s panel. Only entries
+      ``>= tau[j]`` can be among row ``j``'s top ``m``; they are found without a transpose: the maximum
+      of each group of ``_GROUP`` panel rows is taken per column (on the bit patterns as int16, which
+      order positive bf16 / fp16 values exactly), and only groups whose maximum reaches ``tau`` are read.
+      Columns whose ``tau`` is not positive are read in full.
+
+    Every row then keeps the best ``m`` of its own candidates and the entries found for it. Everything
+    not kept has a reduced value ``<=`` the row's last kept value, which is all that
+    :func:`certified_topk` needs (ties at the cut are settled there, in fp32). Returns ``(vals, idx)``,
+    ``[N, m]``, descending per row.
+    """
+    x = red.q
+    n = x.shape[0]
+    dev = x.device
+    b = int(panel or SYMMETRIC_PANEL)
+    m = min(m, n - 1)
+    neg = float("-inf")
+    own_v = torch.full((n, m), neg, dtype=x.dtype, device=dev)
+    own_i = torch.full((n, m), -1, dtype=torch.int64, device=dev)
+    tau = torch.full((n,), neg, dtype=x.dtype, device=dev)
+    found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (row, column, value)
+    for s in reversed(range(0, n, b)):
+        e = min(n, s + b)
+        with _exact_accumulation(dev), all_threads():
+            p = torch.mm(x[s:e], x[s:].T)  # [e - s, n - s]
+            r = torch.arange(e - s, device=dev)
+            p[r, r] = neg
+            k = min(m, n - s - 1)
+            v, i = torch.topk(p, k, dim=1, largest=True, sorted=True)
+        own_v[s:e, :k], own_i[s:e, :k] = v, i + s
+        if k == m:
+            tau[s:e] = v[:, -1]
+        if e < n:
+            rows, cols, vals = _column_filter(p[:, e - s :], tau[e:])
+            found.append((cols + e, rows + s, vals))
+        if bar is not None:
+            bar.update(e - s)
+        del p
+    own_ok = own_i >= 0
+    rows = torch.arange(n, device=dev)[:, None].expand(n, m)[own_ok]
+    parts = [(rows, own_i[own_ok], own_v[own_ok])] + found
+    rows = torch.cat([t[0] for t in parts])
+    cols = torch.cat([t[1] for t in parts])
+    vals = torch.cat([t[2] for t in parts])
+    if stats is not None:
+        stats["symmetric_found"] = stats.get("symmetric_found", 0) + int(rows.numel() - own_ok.sum())
+    # per row, descending value: one sort of (row, order-preserving 16-bit code of the value, reversed)
+    code = _ordered16(vals)
+    order = torch.argsort(rows * 65536 + (65535 - code))
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    counts = torch.bincount(rows, minlength=n)
+    if bool((counts < m).any()):  # cannot happen: every row has its own m or all of its entries
+        raise RuntimeError("symmetric candidate pass lost entries")
+    first = torch.cumsum(counts, 0) - counts
+    keep = torch.arange(rows.numel(), device=dev) - first[rows] < m
+    return vals[keep].view(n, m), cols[keep].view(n, m)
+
+
+def _ordered16(v: torch.Tensor) -> torch.Tensor:
+    """An int64 code in [0, 65535] that orders 16-bit floats (bf16 / fp16) as their values (no NaN)."""
+    bits = v.view(torch.int16).to(torch.int64)
+    return torch.where(bits >= 0, bits + 32768, -1 - bits)
+
+
+def _column_filter(c: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(row, column, value)`` of every entry of ``c`` ``[R, W]`` with ``c[row, column] >= tau[column]``."""
+    nr, w = c.shape
+    dev = c.device
+    pos = tau > 0  # there, ">= tau" is exact on the 16-bit patterns read as int16
+    out_r, out_c = [], []
+    full = nr - nr % _GROUP
+    if full and bool(pos.any()):
+        ci = c[:full].view(torch.int16)
+        ti = torch.where(pos, tau, torch.zeros_like(tau)).view(torch.int16)
+        gmax = ci.view(full // _GROUP, _GROUP, w).amax(1)
+        g, col = ((gmax >= ti) & pos).nonzero(as_tuple=True)
+        if g.numel():
+            lane = torch.arange(_GROUP, device=dev)
+            rr = g[:, None] * _GROUP + lane  # [hits, GROUP]
+            hit = c[rr, col[:, None]] >= tau[col][:, None]
+            out_r.append(rr[hit])
+            out_c.append(col[:, None].expand_as(rr)[hit])
+    if full < nr and bool(pos.any()):  # the rows of an incomplete last group, directly
+        rr, col = (c[full:] >= tau).nonzero(as_tuple=True)
+        keep = pos[col]
+        out_r.append(rr[keep] + full)
+        out_c.append(col[keep])
+    slow = (~pos).nonzero().flatten()
+    if slow.numel():  # tau <= 0 (or -inf: a row with fewer own entries than m): every row, in float
+        rr, j = (c[:, slow] >= tau[slow]).nonzero(as_tuple=True)
+        out_r.append(rr)
+        out_c.append(slow[j])
+    if not out_r:
+        empty = torch.empty(0, dtype=torch.int64, device=dev)
+        return empty, empty, torch.empty(0, dtype=c.dtype, device=dev)
+    rows, cols = torch.cat(out_r), torch.cat(out_c)
+    return rows, cols, c[rows, cols]
+
+
 def fast_knn_chunks(q, ref, k, *, exclude_self, chunk_size, precision, stats=None):
     """Yield ``(start, end, sims, idx)`` like :func:`promptdml.metrics.knn.iter_knn`, via the fast path."""
     red = Reduced(q, ref, precision)
     n_avail = ref.shape[0] - int(exclude_self)
+    cand = None
+    if exclude_self and q.shape[0] >= 2 * SYMMETRIC_PANEL:  # a set against itself: each pair once
+        cand = symmetric_candidates(red, min(n_avail, k + CANDIDATE_MARGIN), stats=stats)
     for s in range(0, q.shape[0], chunk_size):
         e = min(q.shape[0], s + chunk_size)
-        sb = red.block(s, e, exclude_self)
+        if cand is None:
+            src = BlockSource(red.block(s, e, exclude_self))
+        else:
+            src = CandidateSource(cand[0][s:e], cand[1][s:e], red, s, exclude_self)
         need = torch.full((e - s,), k, dtype=torch.int64, device=q.device)
         with small_op_threads(q.device):
-            sims, idx, info = exact_topk_chunk(sb, q[s:e], ref, s, need, k, exclude_self, red, n_avail)
+            sims, idx, info = exact_topk_chunk(src, q[s:e], ref, s, need, k, exclude_self, red, n_avail)
         if stats is not None:
             stats["wider"] = stats.get("wider", 0) + info["wider"]
             stats["fp32_rows"] = stats.get("fp32_rows", 0) + info["fp32_rows"]
-        del sb
+        del src
         yield s, e, sims, idx

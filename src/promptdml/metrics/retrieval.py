@@ -312,7 +312,9 @@ def _eval_torch(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, 
 def _eval_fast(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, precision, bar=None) -> _Acc:
     """The exact fast path (:mod:`promptdml.metrics.fast`): same metrics as :func:`_eval_torch`.
 
-    Per chunk one reduced-precision block; MAP@R / R-Precision from the certified fp32 top-R; the rank
+    Per chunk one reduced-precision block (a set against itself of at least two panels: the candidates of
+    :func:`fast.symmetric_candidates`, which computes each pair once, and reduced rows recomputed only
+    for the queries that need more); MAP@R / R-Precision from the certified fp32 top-R; the rank
     of the best relevant item (Recall@K) from the candidates when it is certified among them, else by
     counting the items whose reduced value is provably above it plus the fp32 re-scored items of the
     uncertain band around it.
@@ -323,23 +325,33 @@ def _eval_fast(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, p
     groups = _LabelGroups(ref_y)
     q_groups = groups.group_of(qy)
     acc = _Acc(ks, q.shape[0], q.device)
-    stats = {"queries": 0, "wider": 0, "fp32_rows": 0, "rank_count_rows": 0, "band_pairs": 0}
+    stats = {"queries": 0, "wider": 0, "fp32_rows": 0, "rank_count_rows": 0, "band_pairs": 0, "symmetric": 0}
     fast.LAST_STATS.clear()
+    cand = None
+    if exclude_self and q.shape[0] >= 2 * fast.SYMMETRIC_PANEL:  # a set against itself: each pair once
+        need = torch.where(num_rel > 0, num_rel, torch.zeros_like(num_rel)) if need_rank else num_rel[:0]
+        width = max(1, int(need.max()) if need.numel() else 1)
+        cand = fast.symmetric_candidates(red, min(n_avail, width + fast.CANDIDATE_MARGIN), bar=bar, stats=stats)
+        stats["symmetric"] = 1
+        bar = None
     for s, e, rc, valid in _query_chunks(q.shape[0], num_rel, chunk, bar):
         c = e - s
         stats["queries"] += c
         qc = q[s:e]
-        sb = red.block(s, e, exclude_self)
+        if cand is None:
+            src = fast.BlockSource(red.block(s, e, exclude_self))
+        else:
+            src = fast.CandidateSource(cand[0][s:e], cand[1][s:e], red, s, exclude_self)
         with fast.small_op_threads(q.device):
-            acc_args = _fast_chunk(sb, qc, s, e, ref, ref_y, qy, rc, valid, groups, q_groups, ks, need_rank,
+            acc_args = _fast_chunk(src, qc, s, e, ref, ref_y, qy, rc, valid, groups, q_groups, ks, need_rank,
                                    exclude_self, red, n_avail, stats)
         acc.add(s, valid, **acc_args)
-        del sb
+        del src
     fast.LAST_STATS.update(stats)
     return acc
 
 
-def _fast_chunk(sb, qc, s, e, ref, ref_y, qy, rc, valid, groups, q_groups, ks, need_rank, exclude_self, red,
+def _fast_chunk(src, qc, s, e, ref, ref_y, qy, rc, valid, groups, q_groups, ks, need_rank, exclude_self, red,
                 n_avail, stats) -> dict:
     """One chunk of :func:`_eval_fast`: ``first`` / ``ap`` / ``rp`` for :meth:`_Acc.add`."""
     c = e - s
@@ -355,7 +367,7 @@ def _fast_chunk(sb, qc, s, e, ref, ref_y, qy, rc, valid, groups, q_groups, ks, n
         if exclude_self:
             ok &= mem != (rows + s)[:, None]
     sims, idx, info = fast.exact_topk_chunk(
-        sb, qc, ref, s, need, width, exclude_self, red, n_avail, None if mem is None else mem.clamp(min=0)
+        src, qc, ref, s, need, width, exclude_self, red, n_avail, None if mem is None else mem.clamp(min=0)
     )
     stats["wider"] += info["wider"]
     stats["fp32_rows"] += info["fp32_rows"]
@@ -374,7 +386,7 @@ def _fast_chunk(sb, qc, s, e, ref, ref_y, qy, rc, valid, groups, q_groups, ks, n
         count = (valid & ~(best.double() > info["upper"])).nonzero().flatten()
         stats["rank_count_rows"] += int(count.numel())
         for b in row_batches(count, n_ref, bytes_per_entry=8):
-            first[b], n_band = _rank_by_band(sb[b], qc[b], ref, best[b], best_idx[b], red)
+            first[b], n_band = _rank_by_band(src.rows(b), qc[b], ref, best[b], best_idx[b], red)
             stats["band_pairs"] += n_band
     return {"first": first, "ap": ap, "rp": rp}
 

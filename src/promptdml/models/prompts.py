@@ -86,6 +86,10 @@ class ClassPrompts(nn.Module):
         """The groups of ``promptdml info``: the table (registered only without the memory bank)."""
         return [("class_prompts", list(self.named_parameters(prefix=prefix.rstrip("."))))]
 
+    def describe(self) -> str:
+        where = "on the CPU (memory bank)" if self.memory_bank else "on the model's device"
+        return f"table C x T x D ({self.num_classes} x {sum(self.counts)} x {self.table.shape[-1]}), {where}"
+
     def forward(self, labels: torch.Tensor) -> list[torch.Tensor | None]:
         """Per-block prompts ``[B, m_i, D]`` of each sample's class."""
         per_sample = self.placement.lookup(labels)
