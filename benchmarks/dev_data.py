@@ -161,6 +161,18 @@ def _png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _render_face(job: tuple[Face, list[int], int, int]) -> list[tuple[int, str, bytes]]:
+    """``(code point, digest of the pixels, PNG bytes)`` of each inked rendering of one face."""
+    face, cps, size, render_pt = job
+    font = ImageFont.truetype(str(face.path), size=render_pt, index=face.index)
+    out = []
+    for cp in cps:
+        img = render_glyph(font, chr(cp), size)
+        if img is not None:
+            out.append((cp, hashlib.sha256(img.tobytes()).hexdigest(), _png_bytes(img)))
+    return out
+
+
 def build_glyphs_from_faces(faces: Sequence[Face], out: Path, classes: int, per_class: int, min_faces: int,
                             seed: int, size: int, codepoints: Iterable[int] = HAN,
                             render_pt: int = 80) -> dict:
@@ -183,15 +195,20 @@ def build_glyphs_from_faces(faces: Sequence[Face], out: Path, classes: int, per_
     for cp in pool:
         for fi in cover[cp]:
             by_face[fi].append(cp)
-    for fi in sorted(by_face):
-        face = faces[fi]
-        font = ImageFont.truetype(str(face.path), size=render_pt, index=face.index)
-        for cp in by_face[fi]:
-            img = render_glyph(font, chr(cp), size)
-            if img is None:
-                continue
-            data = _png_bytes(img)
-            renders[cp].setdefault(hashlib.sha256(img.tobytes()).hexdigest(), (fi, data))
+    jobs = [(faces[fi], by_face[fi], size, render_pt) for fi in sorted(by_face)]
+    # faces render independently (one process per core); results are merged in face order, so the first
+    # face of identical renderings wins exactly as in a serial loop
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            done = list(pool.map(_render_face, jobs, chunksize=1))
+    else:
+        done = [_render_face(job) for job in jobs]
+    for fi, face_renders in zip(sorted(by_face), done, strict=True):
+        for cp, digest, data in face_renders:
+            renders[cp].setdefault(digest, (fi, data))
     eligible = [cp for cp in pool if len(renders[cp]) >= max(min_faces, per_class)]
     if len(eligible) < classes:
         raise RuntimeError(f"only {len(eligible)} code points have >= {min_faces} distinct renderings; "

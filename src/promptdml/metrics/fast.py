@@ -9,6 +9,12 @@ candidates provably contain everything the fp32 path can rank there; queries whe
 proven (ties or near-ties around the cut, many near-duplicates) take more candidates, and then the
 full fp32 row. The metrics are therefore those of the fp32 path, not an approximation of them.
 
+A set evaluated against itself (the query set is the reference set) has a symmetric similarity matrix;
+:func:`symmetric_candidates` then computes only its upper triangle, each pair once, and hands every row its
+top candidates (rows that need more are recomputed alone). The certification below only needs, per row,
+that every item outside the candidates has a reduced value no larger than the smallest candidate's, which
+that pass guarantees.
+
 Error bound (derivation)
 ------------------------
 Notation: ``x, y`` are the prepared fp32 vectors (L2-normalised, so ``|x|, |y| <= 1`` up to the fp32
@@ -481,8 +487,12 @@ def symmetric_candidates(red: Reduced, m: int, panel: int | None = None, bar=Non
     own_v = torch.full((n, m), neg, dtype=x.dtype, device=dev)
     own_i = torch.full((n, m), -1, dtype=torch.int64, device=dev)
     tau = torch.full((n,), neg, dtype=x.dtype, device=dev)
-    found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (row, column, value)
-    for s in reversed(range(0, n, b)):
+    starts = list(range(0, n, b))
+    # entries found for the rows of panel J, kept per panel so that each is merged on its own (little memory):
+    # (row - J's first row, column, value) with int32 indices
+    found: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in starts]
+    n_found = 0
+    for s in reversed(starts):
         e = min(n, s + b)
         with _exact_accumulation(dev), all_threads():
             p = torch.mm(x[s:e], x[s:].T)  # [e - s, n - s]
@@ -495,28 +505,48 @@ def symmetric_candidates(red: Reduced, m: int, panel: int | None = None, bar=Non
             tau[s:e] = v[:, -1]
         if e < n:
             rows, cols, vals = _column_filter(p[:, e - s :], tau[e:])
-            found.append((cols + e, rows + s, vals))
+            n_found += rows.numel()
+            dest = cols + e  # the row these entries belong to
+            panel_of = torch.div(dest, b, rounding_mode="floor")
+            order = torch.argsort(panel_of, stable=True)
+            counts = torch.bincount(panel_of, minlength=len(starts)).tolist()
+            dest, src, vals, o = dest[order], rows[order] + s, vals[order], 0
+            for j, c in enumerate(counts):
+                if c:
+                    found[j].append(((dest[o:o + c] - starts[j]).to(torch.int32), src[o:o + c].to(torch.int32),
+                                     vals[o:o + c]))
+                    o += c
         if bar is not None:
             bar.update(e - s)
         del p
-    own_ok = own_i >= 0
-    rows = torch.arange(n, device=dev)[:, None].expand(n, m)[own_ok]
-    parts = [(rows, own_i[own_ok], own_v[own_ok])] + found
-    rows = torch.cat([t[0] for t in parts])
-    cols = torch.cat([t[1] for t in parts])
-    vals = torch.cat([t[2] for t in parts])
     if stats is not None:
-        stats["symmetric_found"] = stats.get("symmetric_found", 0) + int(rows.numel() - own_ok.sum())
-    # per row, descending value: one sort of (row, order-preserving 16-bit code of the value, reversed)
-    code = _ordered16(vals)
-    order = torch.argsort(rows * 65536 + (65535 - code))
+        stats["symmetric_found"] = stats.get("symmetric_found", 0) + n_found
+    for j, s in enumerate(starts):
+        if found[j]:
+            e = min(n, s + b)
+            own_v[s:e], own_i[s:e] = _merge_found(own_v[s:e], own_i[s:e], found[j])
+            found[j] = []
+    return own_v, own_i
+
+
+def _merge_found(own_v, own_i, found) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the best ``m`` of its own candidates and the entries found for it (``[rows, m]`` each)."""
+    nr, m = own_v.shape
+    dev = own_v.device
+    ok = own_i >= 0
+    rows = [torch.arange(nr, dtype=torch.int32, device=dev)[:, None].expand(nr, m)[ok]] + [f[0] for f in found]
+    cols = [own_i[ok]] + [f[1].to(torch.int64) for f in found]
+    vals = [own_v[ok]] + [f[2] for f in found]
+    rows, cols, vals = torch.cat(rows).to(torch.int64), torch.cat(cols), torch.cat(vals)
+    # descending value within each row: one sort of (row, order-preserving 16-bit code of the value, reversed)
+    order = torch.argsort(rows * 65536 + (65535 - _ordered16(vals)))
     rows, cols, vals = rows[order], cols[order], vals[order]
-    counts = torch.bincount(rows, minlength=n)
+    counts = torch.bincount(rows, minlength=nr)
     if bool((counts < m).any()):  # cannot happen: every row has its own m or all of its entries
         raise RuntimeError("symmetric candidate pass lost entries")
     first = torch.cumsum(counts, 0) - counts
     keep = torch.arange(rows.numel(), device=dev) - first[rows] < m
-    return vals[keep].view(n, m), cols[keep].view(n, m)
+    return vals[keep].view(nr, m), cols[keep].view(nr, m)
 
 
 def _ordered16(v: torch.Tensor) -> torch.Tensor:
