@@ -202,8 +202,8 @@ def build_glyphs_from_faces(faces: Sequence[Face], out: Path, classes: int, per_
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            done = list(pool.map(_render_face, jobs, chunksize=1))
+        with ProcessPoolExecutor(max_workers=workers) as ex:
+            done = list(ex.map(_render_face, jobs, chunksize=1))
     else:
         done = [_render_face(job) for job in jobs]
     for fi, face_renders in zip(sorted(by_face), done, strict=True):
