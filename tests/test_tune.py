@@ -320,3 +320,53 @@ def test_cli_tune_end_to_end(tiny_weights, data_root, tmp_path, capsys):
     assert "data.val_ratio is 0" not in text  # the config's own validation split is used
     best = load_config(out / "best.yaml")
     assert best.data.val_ratio == 0.25 and best.train.epochs == 1
+
+
+HOLD_LOCK = """
+import fcntl, sys, time
+f = open(sys.argv[1], "a+")
+fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+if sys.argv[2] == "own":
+    f.seek(0); f.truncate(); f.write(str(__import__("os").getpid())); f.flush()
+print("held", flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+def _hold(lock, mode, seconds):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock), mode, str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_lock_left_by_the_workers_of_a_killed_tune_is_waited_for(tmp_path, monkeypatch):
+    """After `kill -9` of a tune, its forked data-loader workers hold the lock a few seconds more: a rerun
+    waits for them instead of refusing; a live tune is refused at once."""
+    out = tmp_path / "tune"
+    out.mkdir()
+    lock = out / ".tune.lock"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(str(dead.pid))  # the killed tune's PID; an orphan (this holder) keeps the flock
+    holder = _hold(lock, "keep", 1.5)
+    with tune_mod._exclusive(out):
+        assert holder.wait(timeout=10) == 0  # the lock came free when the orphan exited, not before
+        assert lock.read_text() == str(os.getpid())
+    live = _hold(lock, "own", 30)  # a running tune (its PID is alive)
+    try:
+        with pytest.raises(TuneError, match="another promptdml tune is running"), tune_mod._exclusive(out):
+            pass
+    finally:
+        live.kill()
+        live.wait()
+    lock.write_text(str(dead.pid))
+    monkeypatch.setattr(tune_mod, "ORPHAN_WAIT_S", 0.5)
+    stuck = _hold(lock, "keep", 30)  # orphans that never exit: refused after the wait, with the reason
+    try:
+        with pytest.raises(TuneError, match="has exited, but processes it started still hold"), \
+                tune_mod._exclusive(out):
+            pass
+    finally:
+        stuck.kill()
+        stuck.wait()

@@ -27,6 +27,7 @@ import difflib
 import json
 import logging
 import math
+import os
 import time
 import typing
 from collections.abc import Callable, Sequence
@@ -266,20 +267,53 @@ def _require_optuna():
     return optuna
 
 
+ORPHAN_WAIT_S = 30.0  # how long a new tune waits for the data-loader workers of a killed one to exit
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def _exclusive(out_dir: Path):
-    """One tune process per output folder (the lock goes away with the process, however it ends)."""
+    """One tune process per output folder (the lock goes away with the process, however it ends).
+
+    The lock is an ``flock`` on ``.tune.lock``, which holds the owner's PID. Forked data-loader workers
+    inherit it: after a tune is killed (``kill -9``) they hold it for a few seconds more. A new tune that
+    finds the lock held by a process that no longer exists therefore waits for them (up to
+    ``ORPHAN_WAIT_S``) instead of refusing."""
     lock = open(out_dir / ".tune.lock", "a+")  # noqa: SIM115 - closed below
     try:
         try:
             import fcntl
-
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:  # pragma: no cover - not POSIX: no lock
-            pass
-        except OSError:
-            raise TuneError(f"another promptdml tune is running on '{out_dir}'; wait for it or use another "
-                            f"--out") from None
+            fcntl = None
+        if fcntl is not None:
+            deadline = time.monotonic() + ORPHAN_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    lock.seek(0)
+                    owner = lock.read().strip()
+                    stale = owner.isdigit() and not _pid_alive(int(owner))
+                    if not stale or time.monotonic() >= deadline:
+                        extra = (f" (its owner, PID {owner}, has exited, but processes it started still hold "
+                                 f"the lock: stop them)" if stale else "")
+                        raise TuneError(f"another promptdml tune is running on '{out_dir}'{extra}; wait for it "
+                                        f"or use another --out") from None
+                    time.sleep(0.5)
+            lock.seek(0)
+            lock.truncate()
+            lock.write(str(os.getpid()))
+            lock.flush()
         yield
     finally:
         lock.close()
