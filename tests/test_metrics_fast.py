@@ -244,3 +244,11 @@ def test_knn_identical_symmetric_pass(monkeypatch, precision):
     s1, i1 = knn_search(x, k=25, precision=precision, backend="torch")
     assert fast.LAST_STATS.get("symmetric_found", 0) > 0
     assert torch.equal(i0, i1) and torch.equal(s0, s1)
+    # a reference passed separately (exclude_self=True: the caller says it is the same set) is not assumed
+    # to equal the queries: the full blocks are computed
+    other = x.copy()
+    other[:50] = x[50:100]
+    s2, i2 = knn_search(x, other, k=25, precision=precision, backend="torch", exclude_self=True)
+    assert "symmetric_found" not in fast.LAST_STATS
+    s3, i3 = knn_search(x, other, k=25, precision="fp32", backend="torch", exclude_self=True)
+    assert torch.equal(i2, i3) and torch.equal(s2, s3)

@@ -478,6 +478,8 @@ def symmetric_candidates(red: Reduced, m: int, panel: int | None = None, bar=Non
     :func:`certified_topk` needs (ties at the cut are settled there, in fp32). Returns ``(vals, idx)``,
     ``[N, m]``, descending per row.
     """
+    if red.ref is not red.q:
+        raise ValueError("symmetric_candidates needs a set evaluated against itself (Reduced(x, x, ...))")
     x = red.q
     n = x.shape[0]
     dev = x.device
@@ -595,7 +597,7 @@ def fast_knn_chunks(q, ref, k, *, exclude_self, chunk_size, precision, stats=Non
     red = Reduced(q, ref, precision)
     n_avail = ref.shape[0] - int(exclude_self)
     cand = None
-    if exclude_self and q.shape[0] >= 2 * SYMMETRIC_PANEL:  # a set against itself: each pair once
+    if exclude_self and red.ref is red.q and q.shape[0] >= 2 * SYMMETRIC_PANEL:  # a set against itself
         cand = symmetric_candidates(red, min(n_avail, k + CANDIDATE_MARGIN), stats=stats)
     for s in range(0, q.shape[0], chunk_size):
         e = min(q.shape[0], s + chunk_size)

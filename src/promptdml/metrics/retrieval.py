@@ -328,7 +328,7 @@ def _eval_fast(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, p
     stats = {"queries": 0, "wider": 0, "fp32_rows": 0, "rank_count_rows": 0, "band_pairs": 0, "symmetric": 0}
     fast.LAST_STATS.clear()
     cand = None
-    if exclude_self and q.shape[0] >= 2 * fast.SYMMETRIC_PANEL:  # a set against itself: each pair once
+    if exclude_self and red.ref is red.q and q.shape[0] >= 2 * fast.SYMMETRIC_PANEL:  # a set against itself
         need = torch.where(num_rel > 0, num_rel, torch.zeros_like(num_rel)) if need_rank else num_rel[:0]
         width = max(1, int(need.max()) if need.numel() else 1)
         cand = fast.symmetric_candidates(red, min(n_avail, width + fast.CANDIDATE_MARGIN), bar=bar, stats=stats)
