@@ -372,6 +372,18 @@ class CandidateSource:
         return self.red.rows(b + self.start, self.exclude_self)
 
 
+def use_symmetric(red: Reduced, exclude_self: bool) -> bool:
+    """Whether :func:`symmetric_candidates` applies: a set truly against itself, of at least two panels."""
+    return exclude_self and red.ref is red.q and red.q.shape[0] >= 2 * SYMMETRIC_PANEL
+
+
+def chunk_source(red: Reduced, cand, s: int, e: int, exclude_self: bool):
+    """The reduced similarities of queries ``s:e``: the full block, or their rows of the symmetric candidates."""
+    if cand is None:
+        return BlockSource(red.block(s, e, exclude_self))
+    return CandidateSource(cand[0][s:e], cand[1][s:e], red, s, exclude_self)
+
+
 def certified_topk(
     src, q: torch.Tensor, ref: torch.Tensor, m: int, red: Reduced, extra: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -597,14 +609,11 @@ def fast_knn_chunks(q, ref, k, *, exclude_self, chunk_size, precision, stats=Non
     red = Reduced(q, ref, precision)
     n_avail = ref.shape[0] - int(exclude_self)
     cand = None
-    if exclude_self and red.ref is red.q and q.shape[0] >= 2 * SYMMETRIC_PANEL:  # a set against itself
+    if use_symmetric(red, exclude_self):  # a set against itself: each pair once
         cand = symmetric_candidates(red, min(n_avail, k + CANDIDATE_MARGIN), stats=stats)
     for s in range(0, q.shape[0], chunk_size):
         e = min(q.shape[0], s + chunk_size)
-        if cand is None:
-            src = BlockSource(red.block(s, e, exclude_self))
-        else:
-            src = CandidateSource(cand[0][s:e], cand[1][s:e], red, s, exclude_self)
+        src = chunk_source(red, cand, s, e, exclude_self)
         need = torch.full((e - s,), k, dtype=torch.int64, device=q.device)
         with small_op_threads(q.device):
             sims, idx, info = exact_topk_chunk(src, q[s:e], ref, s, need, k, exclude_self, red, n_avail)

@@ -328,7 +328,7 @@ def _eval_fast(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, p
     stats = {"queries": 0, "wider": 0, "fp32_rows": 0, "rank_count_rows": 0, "band_pairs": 0, "symmetric": 0}
     fast.LAST_STATS.clear()
     cand = None
-    if exclude_self and red.ref is red.q and q.shape[0] >= 2 * fast.SYMMETRIC_PANEL:  # a set against itself
+    if fast.use_symmetric(red, exclude_self):  # a set against itself: each pair once
         need = torch.where(num_rel > 0, num_rel, torch.zeros_like(num_rel)) if need_rank else num_rel[:0]
         width = max(1, int(need.max()) if need.numel() else 1)
         cand = fast.symmetric_candidates(red, min(n_avail, width + fast.CANDIDATE_MARGIN), bar=bar, stats=stats)
@@ -338,10 +338,7 @@ def _eval_fast(q, qy, ref, ref_y, num_rel, ks, need_rank, exclude_self, chunk, p
         c = e - s
         stats["queries"] += c
         qc = q[s:e]
-        if cand is None:
-            src = fast.BlockSource(red.block(s, e, exclude_self))
-        else:
-            src = fast.CandidateSource(cand[0][s:e], cand[1][s:e], red, s, exclude_self)
+        src = fast.chunk_source(red, cand, s, e, exclude_self)
         with fast.small_op_threads(q.device):
             acc_args = _fast_chunk(src, qc, s, e, ref, ref_y, qy, rc, valid, groups, q_groups, ks, need_rank,
                                    exclude_self, red, n_avail, stats)
